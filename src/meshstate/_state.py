@@ -1,0 +1,190 @@
+"""`State` objects and the trace stack that records which states a function touches."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import jax
+
+__all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
+           'StateTraceError']
+
+
+class StateTraceError(RuntimeError):
+  """A traced value tried to escape into a `State` outside meshstate's transforms."""
+
+
+class _Local(threading.local):
+  def __init__(self):
+    self.stack: list[Frame] = []
+
+
+_local = _Local()
+
+
+def frames() -> list['Frame']:
+  """The active trace frames of this thread, innermost last."""
+  return _local.stack
+
+
+class Frame:
+  """Records, in first-touch order, the states read and written while a function is traced.
+
+  On its first touch of a state a frame saves the value it saw (so it can be put back on exit)
+  and, on a read, may replace it by a *view* (`view(state, value) -> value`): transforms use
+  that to hand the body a per-lane placeholder or an input tracer. Reads go through the
+  enclosing frame first, so nested transforms see (and record) what their parent sees.
+  """
+
+  def __init__(self, view: Callable[['State', Any], Any] | None = None):
+    self.view = view
+    self.saved: dict[State, Any] = {}
+    self.reads: dict[State, None] = {}
+    self.writes: dict[State, None] = {}
+    self.touched: dict[State, None] = {}  # reads and writes, first touch first
+    self.created: set[int] = set()
+    self.parent: Frame | None = None
+
+  def __enter__(self) -> 'Frame':
+    stack = _local.stack
+    self.parent = stack[-1] if stack else None
+    stack.append(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    stack = _local.stack
+    assert stack and stack[-1] is self, 'meshstate trace frames exited out of order'
+    stack.pop()
+    self.restore()
+
+  def restore(self) -> None:
+    """Put back every value this frame replaced (its body's writes included)."""
+    for state, value in self.saved.items():
+      state._value = value
+    self.saved.clear()
+
+  def preset(self, state: 'State', value: Any) -> None:
+    """Show `value` to the body as `state`'s value, recorded as a read."""
+    if state not in self.saved:
+      self.saved[state] = state._value
+    self.reads[state] = None
+    self.touched[state] = None
+    state._value = value
+
+  def read(self, state: 'State') -> Any:
+    if state in self.saved or id(state) in self.created:
+      return state._value
+    base = self.parent.read(state) if self.parent is not None else state._value
+    self.saved[state] = state._value
+    self.reads[state] = None
+    self.touched[state] = None
+    if self.view is not None:
+      state._value = self.view(state, base)
+    return state._value
+
+  def write(self, state: 'State', value: Any) -> None:
+    if id(state) not in self.created:
+      if state not in self.saved:
+        self.saved[state] = state._value
+      self.writes[state] = None
+      self.touched[state] = None
+    state._value = value
+
+
+def _is_tracer(value: Any) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
+
+
+class State:
+  """A mutable container for a JAX value that meshstate's transforms carry in and out.
+
+  Example:
+    >>> import jax.numpy as jnp, meshstate
+    >>> w = meshstate.ParamState(jnp.ones(3))
+    >>> w.value = w.value * 2
+    >>> w.value.tolist()
+    [2.0, 2.0, 2.0]
+  """
+
+  __slots__ = ('_value', '_name', '__weakref__')
+
+  def __init__(self, value: Any, name: str | None = None):
+    self._value = value
+    self._name = name
+    stack = _local.stack
+    if stack:
+      stack[-1].created.add(id(self))
+
+  @property
+  def value(self) -> Any:
+    stack = _local.stack
+    if stack:
+      return stack[-1].read(self)
+    return self._value
+
+  @value.setter
+  def value(self, value: Any) -> None:
+    if isinstance(value, State):
+      raise TypeError(f'Cannot store a State inside {type(self).__name__}.value; '
+                      f'assign its .value instead.')
+    stack = _local.stack
+    if stack:
+      stack[-1].write(self, value)
+      return
+    if _is_tracer(value):
+      raise StateTraceError(
+          f'A traced value was written into {type(self).__name__} outside a meshstate transform '
+          f'(for example under a raw jax.jit or jax.grad). Wrap the function in '
+          f'meshstate.transform.jit (or pmap2/vmap2/shard_map) so the write is carried out of '
+          f'the trace.')
+    self._value = value
+
+  @property
+  def sharding(self):
+    """The `jax.sharding.Sharding` of the value, or None when it is not a `jax.Array`."""
+    value = self._value
+    return value.sharding if isinstance(value, jax.Array) else None
+
+  @property
+  def spec(self):
+    """The `PartitionSpec` of a `NamedSharding` value, else None."""
+    return getattr(self.sharding, 'spec', None)
+
+  def __repr__(self) -> str:
+    return _format_state(self, indent='')
+
+
+def _abstract(value: Any) -> Any:
+  try:
+    return jax.tree.map(jax.typeof, value)
+  except TypeError:
+    return value
+
+
+def _format_state(state: State, indent: str) -> str:
+  inner = indent + '  '
+  return f'{type(state).__name__}(\n{inner}value={_abstract(state._value)!r}\n{indent})'
+
+
+class ParamState(State):
+  """A trainable parameter."""
+  __slots__ = ()
+
+
+class ShortTermState(State):
+  """A variable that lives for one step (activations, per-step buffers)."""
+  __slots__ = ()
+
+
+class LongTermState(State):
+  """A variable that persists across steps but is not trained (running statistics)."""
+  __slots__ = ()
+
+
+class HiddenState(State):
+  """A dynamical variable carried through time (membrane potentials, RNN hidden states)."""
+  __slots__ = ()
+
+
+for _cls in (State, ParamState, ShortTermState, LongTermState, HiddenState, StateTraceError):
+  _cls.__module__ = 'meshstate'

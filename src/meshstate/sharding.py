@@ -1,0 +1,1 @@
+"""Inspection of how states are laid out on a mesh."""

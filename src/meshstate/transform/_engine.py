@@ -1,0 +1,439 @@
+"""The engine shared by `pmap2`, `vmap2`, `shard_map` and `jit`: `StatefulMapping`.
+
+One call is one pipeline: signature → cache lookup → (on a miss) discovery and program → run
+→ write-back. A cache entry holds the states the function reads and writes, how each is mapped,
+and one compiled callable; an identical repeat call runs no Python body and builds nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import operator
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from meshstate._errors import BatchAxisError
+from meshstate._state import Frame, State, frames
+from meshstate.nn import Module
+from meshstate.random import RandomState
+from meshstate.transform import _axes
+from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
+from meshstate.transform._trace import discover, lane_key, lane_slice, vary
+
+__all__ = ['StatefulMapping']
+
+_POLICIES = ('auto', 'warn', 'ignore', 'raise')
+_names = itertools.count()
+
+
+@dataclasses.dataclass
+class _Layout:
+  """How the program's slots relate to the user's arguments and outputs."""
+  treedef: Any           # of (positional args with statics as None, kwargs)
+  n_leaves: int
+  arg_axes: tuple        # the user's in_axes, one entry per positional argument
+  out_tree: Any = None
+  n_out: int = 0
+  out_axes: Any = 0      # the user's out_axes
+  slot_axes: list = dataclasses.field(default_factory=list)
+  out_slot_axes: list = dataclasses.field(default_factory=list)
+  size: int | None = None
+
+
+class _Entry:
+  """One traced program: the states it carries and the callable that runs it."""
+  __slots__ = ('in_states', 'out_states', 'sig', 'last', 'fn', 'layout')
+
+  def __init__(self, in_states, out_states, sig, last, fn, layout):
+    self.in_states, self.out_states, self.sig, self.last = in_states, out_states, sig, last
+    self.fn, self.layout = fn, layout
+
+
+def _value_sig(value: Any) -> Any:
+  return jax.tree.map(jax.typeof, value)
+
+
+def _module_of(fun: Any) -> Module | None:
+  if isinstance(fun, Module):
+    return fun
+  owner = getattr(fun, '__self__', None)
+  return owner if isinstance(owner, Module) else None
+
+
+class StatefulMapping:
+  """Maps a function that reads and writes `State`s over an axis (the engine behind `pmap2`).
+
+  `mapping_fn` is called like `jax.vmap`/`jax.pmap`:
+  `mapping_fn(pure_fun, in_axes=..., out_axes=..., axis_name=..., axis_size=...)`, where
+  `pure_fun(*user_args, state_values, **kwargs)` returns `(outputs, new_state_values)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, meshstate
+    >>> from meshstate.transform import StatefulMapping
+    >>> count = meshstate.ShortTermState(jnp.zeros(()))
+    >>> def step(x):
+    ...   count.value = count.value + jax.lax.psum(1.0, 'i')
+    ...   return x * 2
+    >>> f = StatefulMapping(step, in_axes=0, out_axes=0, axis_name='i')
+    >>> f(jnp.arange(3.)).tolist(), float(count.value)
+    ([0.0, 2.0, 4.0], 3.0)
+  """
+
+  def __init__(self, fun: Callable, in_axes: Any = 0, out_axes: Any = 0,
+               state_in_axes: Any = None, state_out_axes: Any = None,
+               unexpected_out_state_mapping: str = 'auto', axis_size: int | None = None,
+               axis_name: Any = None, name: str | None = None,
+               mapping_fn: Callable | Mapper = jax.vmap,
+               static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
+               donate_argnums: int | Sequence[int] = (), donate_states: bool = False):
+    if not callable(fun):
+      raise TypeError(f'StatefulMapping needs a callable, got {type(fun).__name__}.')
+    if unexpected_out_state_mapping not in _POLICIES:
+      raise ValueError(f'unexpected_out_state_mapping must be one of {_POLICIES}, '
+                       f'got {unexpected_out_state_mapping!r}.')
+    if isinstance(in_axes, list):
+      in_axes = tuple(in_axes)
+    if axis_size is not None and (not isinstance(axis_size, int) or axis_size < 1):
+      raise ValueError(f'axis_size must be a positive int, got {axis_size!r}.')
+    self.origin_fun = fun
+    self.in_axes = in_axes
+    self.out_axes = out_axes
+    self.state_in_axes = _axes.normalize_state_axes(state_in_axes, 'state_in_axes')
+    self.state_out_axes = _axes.normalize_state_axes(state_out_axes, 'state_out_axes')
+    self.unexpected_out_state_mapping = unexpected_out_state_mapping
+    self.axis_size = axis_size
+    self.axis_name = axis_name
+    self.name = name or getattr(fun, '__name__', type(fun).__name__)
+    self.mapping_fn = mapping_fn
+    if isinstance(mapping_fn, Mapper):
+      self._mapper = mapping_fn
+    elif mapping_fn is jax.vmap:
+      self._mapper = VmapMapper()
+    else:
+      self._mapper = CustomMapper(mapping_fn)
+    self._name = axis_name if axis_name is not None else f'_meshstate_axis{next(_names)}'
+    self._static = _axes.normalize_argnums(static_argnums, 'static_argnums')
+    self._static_names = ((static_argnames,) if isinstance(static_argnames, str)
+                          else tuple(static_argnames))
+    self._donate = _axes.normalize_argnums(donate_argnums, 'donate_argnums')
+    overlap = set(self._static) & set(self._donate)
+    if overlap:
+      raise ValueError(f'Arguments {sorted(overlap)} are both static and donated '
+                       f'(static_argnums={self._static}, donate_argnums={self._donate}).')
+    self._donate_states = donate_states
+    self._cache: dict[Any, list[_Entry]] = {}
+    self._warned: set[State] = set()
+    self._touched: dict[State, None] = {}
+
+  # -- the per-call hot path -------------------------------------------------------------------
+
+  def __call__(self, *args, **kwargs):
+    static = ()
+    if self._static or self._static_names:
+      args, kwargs, static = self._split_static(args, kwargs)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    try:
+      key = (treedef, tuple(map(jax.typeof, leaves)), static)
+    except TypeError:
+      raise self._bad_leaf(args, kwargs) from None
+    nested = bool(frames())
+    entry = None
+    entries = self._cache.get(key)
+    if entries:
+      entry = entries[-1]
+      vals = ([s.value for s in entry.in_states] if nested
+              else [s._value for s in entry.in_states])
+      if not all(map(operator.is_, vals, entry.last)):
+        entry = self._match(entries, vals)
+    if entry is None:
+      entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
+    outs = entry.fn(*leaves, *vals)
+    n = entry.layout.n_out
+    if nested:
+      for state, value in zip(entry.out_states, outs[n:]):
+        state.value = value
+    else:
+      for state, value in zip(entry.out_states, outs[n:]):
+        state._value = value
+      entry.last = [s._value for s in entry.in_states]
+    return entry.layout.out_tree.unflatten(outs[:n])
+
+  def _match(self, entries: list[_Entry], vals: list) -> _Entry | None:
+    sig = tuple(map(_value_sig, vals))
+    for entry in reversed(entries):
+      if entry.sig == sig:
+        entry.last = vals
+        return entry
+    return None
+
+  # -- signature helpers -----------------------------------------------------------------------
+
+  def _split_static(self, args: tuple, kwargs: dict):
+    args, static = _axes.split_static(args, self._static)
+    if self._static_names:
+      named = tuple((k, kwargs[k]) for k in self._static_names if k in kwargs)
+      for k, v in named:
+        try:
+          hash(v)
+        except TypeError:
+          raise ValueError(f'Static argument {k!r} must be hashable, got {type(v).__name__}.'
+                           ) from None
+      kwargs = {k: v for k, v in kwargs.items() if k not in self._static_names}
+      static = static + named
+    return args, kwargs, static
+
+  @staticmethod
+  def _with_static(args: tuple, kwargs: dict, static: tuple):
+    if not static:
+      return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for k, v in static:
+      if isinstance(k, int):
+        args[k] = v
+      else:
+        kwargs[k] = v
+    return tuple(args), kwargs
+
+  def _bad_leaf(self, args, kwargs) -> TypeError:
+    for path, leaf in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
+      try:
+        jax.typeof(leaf)
+      except TypeError:
+        where = _arg_name(path)
+        return TypeError(f'{self.name}: argument {where} is a {type(leaf).__name__}, not an '
+                         f'array; mark it static (static_argnums / static_broadcasted_argnums).')
+    return TypeError(f'{self.name}: arguments must be arrays.')
+
+  def _arg_axes(self, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    in_axes = self.in_axes
+    if isinstance(in_axes, tuple):
+      if len(in_axes) != len(args):
+        raise ValueError(f'in_axes has {len(in_axes)} entries but {self.name} was called with '
+                         f'{len(args)} positional arguments; in_axes must be an int, None, or a '
+                         f'tuple with one entry per positional argument.')
+      per_arg = in_axes
+    else:
+      per_arg = (in_axes,) * len(args)
+    if not self._mapper.mapped:
+      return per_arg, [None] * len(jax.tree.leaves((args, kwargs)))
+    leaf_axes = _axes.leaf_axes((per_arg, 0), (args, kwargs), 'in_axes', 'argument')
+    return per_arg, leaf_axes
+
+  # -- the slow path: discovery and program ----------------------------------------------------
+
+  def _paths(self) -> dict[State, tuple]:
+    module = _module_of(self.origin_fun)
+    return module.state_paths() if module is not None else {}
+
+  def _describe(self, state: State, paths: dict) -> str:
+    path = paths.get(state)
+    shape = getattr(state._value, 'shape', None)
+    where = f' at path {path}' if path else ''
+    return f'{type(state).__name__}{where} (shape {shape})'
+
+  @staticmethod
+  def _first_axis(table: dict, state: State, paths: dict) -> int | None:
+    path = paths.get(state, ())
+    for axis, pred in table.items():
+      if pred(path, state):
+        return axis
+    return None
+
+  def _compile(self, key, treedef, leaves, args, kwargs, static):
+    mapper, name = self._mapper, self._name
+    paths = self._paths()
+    arg_axes, leaf_axes = self._arg_axes(args, kwargs)
+    sources = [(_arg_name(p), jnp.shape(x)[a]) for (p, x), a in
+               zip(jax.tree_util.tree_flatten_with_path((args, kwargs))[0], leaf_axes)
+               if a is not None]
+    if mapper.mapped:
+      size = _axes.mapped_size(sources, self.axis_size) if (sources or self.axis_size) else \
+          self._size_from_states(paths)
+    else:
+      size = None
+    layout = _Layout(treedef, len(leaves), arg_axes, out_axes=self.out_axes, size=size)
+    fun = self.origin_fun
+
+    def body(*lane_leaves):
+      a, kw = treedef.unflatten(lane_leaves)
+      a, kw = self._with_static(a, kw, static)
+      return fun(*a, **kw)
+
+    fed: dict[State, int] = {}   # read-modify-write states that 'auto' feeds per lane
+
+    def in_axis(state: State) -> int | None:
+      if state in fed:
+        return fed[state]
+      return self._first_axis(self.state_in_axes, state, paths)
+
+    def view(state: State, base: Any) -> Any:
+      if isinstance(state, RandomState):
+        return lane_key(base, name)[1]
+      axis = in_axis(state)
+      if axis is None:
+        return base
+      shape = jnp.shape(base)
+      what = f'state_in_axes for {self._describe(state, paths)}'
+      axis = _axes.check_axis(axis, len(shape), what, shape)
+      if shape[axis] != size:
+        raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size '
+                         f'is {size} (from {", ".join(w for w, _ in sources) or "axis_size"}).')
+      return vary(lane_slice(base, axis), name)
+
+    run = functools.partial(mapper.trace, slots=leaves, axes=leaf_axes, size=size, name=name)
+    while True:
+      disc = discover(run, body, view if mapper.mapped else None,
+                      name if mapper.mapped else None)
+      more = self._auto_fed(disc, size, fed)
+      if not more:
+        break
+      fed.update(more)
+
+    in_states = disc.reads
+    random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
+    out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_varies]
+    state_in = [None if s in random_in else _axes.check_axis(
+        in_axis(s), jnp.ndim(s._value), f'state_in_axes for {self._describe(s, paths)}',
+        jnp.shape(s._value)) for s in in_states]
+    state_out = [None if s in random_in else
+                 self._out_axis(s, disc, in_axis(s), paths) for s in out_states]
+
+    out_avals_tree = disc.out_tree.unflatten(disc.out_avals)
+    if mapper.mapped:
+      out_axes = _axes.leaf_axes(self.out_axes, out_avals_tree, 'out_axes', 'output', extra=1)
+      for (path, _), axis, v in zip(jax.tree_util.tree_flatten_with_path(out_avals_tree)[0],
+                                    out_axes, disc.out_varies):
+        if axis is None and v:
+          raise ValueError(f'out_axes is None for output{jax.tree_util.keystr(path)}, but its '
+                           f'value differs across the mapped axis {name!r}; map it (e.g. '
+                           f'out_axes=0) or reduce it with a collective first.')
+    else:
+      out_axes = [None] * len(disc.out_avals)
+    layout.out_tree, layout.n_out = disc.out_tree, len(disc.out_avals)
+    layout.slot_axes = list(leaf_axes) + state_in
+    layout.out_slot_axes = list(out_axes) + state_out
+    vary_out = [a is not None and not v for a, v in zip(out_axes, disc.out_varies)] + [
+        a is not None and not disc.write_varies.get(s, True)
+        for s, a in zip(out_states, state_out)]
+
+    program = self._program(body, in_states, random_in, out_states, vary_out, layout)
+    donate = self._donate_slots(args, kwargs, in_states, out_states, len(leaves))
+    fn = mapper.build(program, layout.slot_axes, layout.out_slot_axes, size, name, donate,
+                      layout)
+    vals = [s.value for s in in_states] if frames() else [s._value for s in in_states]
+    entry = _Entry(in_states, out_states, tuple(map(_value_sig, vals)), vals, fn, layout)
+    self._cache.setdefault(key, []).append(entry)
+    self._touched.update(dict.fromkeys(in_states + out_states))
+    return entry, vals
+
+  def _size_from_states(self, paths: dict) -> int:
+    sources = []
+    for state, path in paths.items():
+      axis = self._first_axis(self.state_in_axes, state, paths)
+      shape = jnp.shape(state._value)
+      if axis is not None and -len(shape) <= axis < len(shape):
+        sources.append((f'state {path}', shape[axis]))
+    return _axes.mapped_size(sources, self.axis_size)
+
+  def _auto_fed(self, disc, size, fed) -> dict[State, int]:
+    if self.unexpected_out_state_mapping != 'auto':
+      return {}
+    paths = self._paths()
+    more = {}
+    for s in disc.writes:
+      if (s in disc.reads and disc.write_varies[s] and s not in fed
+          and not isinstance(s, RandomState)
+          and self._first_axis(self.state_out_axes, s, paths) is None
+          and self._first_axis(self.state_in_axes, s, paths) is None):
+        shape = jnp.shape(s._value)
+        if shape and shape[0] == size:
+          more[s] = 0
+    return more
+
+  def _out_axis(self, state, disc, in_axis, paths) -> int | None:
+    declared = self._first_axis(self.state_out_axes, state, paths)
+    lane_ndim = disc.write_ndim[state]
+    if declared is not None:
+      return _axes.check_axis(declared, lane_ndim, f'state_out_axes for '
+                              f'{self._describe(state, paths)}', (), extra=1)
+    if not disc.write_varies[state]:
+      return None
+    if in_axis is not None:
+      return in_axis
+    policy = self.unexpected_out_state_mapping
+    what = self._describe(state, paths)
+    if policy == 'raise':
+      raise BatchAxisError(
+          f'{what} is written with a value that differs across the mapped axis '
+          f'{self.axis_name!r}, but state_out_axes does not say how to map it. Declare it in '
+          f'state_out_axes, or reduce it (e.g. with jax.lax.pmean) before writing.')
+    if policy == 'warn' or (policy == 'auto' and state in disc.reads
+                            and state not in self._warned):
+      self._warned.add(state)
+      warnings.warn(f'{what} is written with per-lane values but has no out axis in '
+                    f'state_out_axes; it is gathered along axis 0.', UserWarning, stacklevel=4)
+    return 0
+
+  def _program(self, body, in_states, random_in, out_states, vary_out, layout):
+    name, n_leaves = self._name, layout.n_leaves
+    in_set = set(in_states)
+    random_set = set(random_in)
+
+    def program(*lane_slots):
+      nxt = {}
+      with Frame() as frame:
+        for state, value in zip(in_states, lane_slots[n_leaves:]):
+          if state in random_set:
+            nxt[state], value = lane_key(value, name)
+          frame.preset(state, value)
+        out = body(*lane_slots[:n_leaves])
+        stray = [s for s in frame.reads if s not in in_set]
+        new = [nxt[s] if s in nxt else s._value for s in out_states]
+      if stray:
+        raise RuntimeError(f'{self.name} read {len(stray)} state(s) on its second trace that its '
+                           f'first trace did not; state access must not depend on values.')
+      out_leaves, tree = jax.tree.flatten(out)
+      if tree != layout.out_tree:
+        raise RuntimeError(f'{self.name} returned {tree} on its second trace, {layout.out_tree} '
+                           f'on its first.')
+      slots = [*out_leaves, *(jax.tree.map(jnp.asarray, v) for v in new)]
+      return tuple(vary(v, name) if need else v for v, need in zip(slots, vary_out))
+    return program
+
+  def _donate_slots(self, args, kwargs, in_states, out_states, n_leaves) -> tuple[int, ...]:
+    slots = []
+    if self._donate:
+      offsets = list(itertools.accumulate([0] + [len(jax.tree.leaves(a)) for a in args]))
+      for i in self._donate:
+        if not -len(args) <= i < len(args):
+          raise ValueError(f'donate_argnums contains {i}, but {self.name} was called with '
+                           f'{len(args)} positional arguments.')
+        i %= len(args)
+        slots.extend(range(offsets[i], offsets[i + 1]))
+    if self._donate_states:
+      outs = set(out_states)
+      slots.extend(n_leaves + j for j, s in enumerate(in_states) if s in outs)
+    return tuple(slots)
+
+  # -- introspection ---------------------------------------------------------------------------
+
+  def touched_states(self) -> list[State]:
+    """The states this mapping has read or written so far, first touch first."""
+    return list(self._touched)
+
+  def __repr__(self) -> str:
+    return (f'StatefulMapping({self.name}, in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, '
+            f'axis_name={self.axis_name!r})')
+
+
+def _arg_name(path) -> str:
+  (kind, *rest) = path
+  key = jax.tree_util.keystr(tuple(rest))
+  return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
+
+
+StatefulMapping.__module__ = 'meshstate.transform'
