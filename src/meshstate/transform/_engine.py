@@ -1,13 +1,14 @@
 """The engine shared by `pmap2`, `vmap2`, `shard_map` and `jit`: `StatefulMapping`.
 
 One call is one pipeline: signature → cache lookup → (on a miss) discovery and program → run
-→ write-back. A cache entry holds the states the function reads and writes, how each is mapped,
-and one compiled callable; an identical repeat call runs no Python body and builds nothing.
+→ write-back. A cache entry holds the states the function reads and writes, how each is laid
+out, and one compiled callable; an identical repeat call runs no Python body and builds nothing.
+Subclasses (the state-aware `shard_map`) change only how slots are laid out: the `_layout_*`
+hooks below.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import operator
 import warnings
@@ -22,39 +23,46 @@ from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
+from meshstate.transform._mesh import NeedAxis
 from meshstate.transform._trace import discover, lane_key, lane_slice, vary
 
-__all__ = ['StatefulMapping']
+__all__ = ['StatefulMapping', 'Layout']
 
 _POLICIES = ('auto', 'warn', 'ignore', 'raise')
 _names = itertools.count()
 
 
 @dataclasses.dataclass
-class _Layout:
-  """How the program's slots relate to the user's arguments and outputs."""
-  treedef: Any           # of (positional args with statics as None, kwargs)
+class Layout:
+  """How one entry's program slots relate to the user's arguments, outputs and states.
+
+  `slot_axes` / `out_slot_axes` hold one layout per slot: a mapped axis (int or None) for
+  `pmap2`/`vmap2`, a `PartitionSpec` for `shard_map`.
+  """
+  name: Any                  # mapped axis name (pmap2/vmap2) or the mesh's axis names
+  size: int | None
+  treedef: Any               # of (positional args with statics as None, kwargs)
   n_leaves: int
-  arg_axes: tuple        # the user's in_axes, one entry per positional argument
+  arg_axes: tuple            # the user's in_axes, one entry per positional argument
+  sources: list              # (where, size) of every mapped argument
+  out_axes: Any = None       # the user's out_axes
   out_tree: Any = None
   n_out: int = 0
-  out_axes: Any = 0      # the user's out_axes
   slot_axes: list = dataclasses.field(default_factory=list)
   out_slot_axes: list = dataclasses.field(default_factory=list)
-  size: int | None = None
+  out_shardings: list = dataclasses.field(default_factory=list)
+  in_states: list = dataclasses.field(default_factory=list)
+  out_states: list = dataclasses.field(default_factory=list)
 
 
 class _Entry:
   """One traced program: the states it carries and the callable that runs it."""
-  __slots__ = ('in_states', 'out_states', 'sig', 'last', 'fn', 'layout')
+  __slots__ = ('in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn', 'layout')
 
-  def __init__(self, in_states, out_states, sig, last, fn, layout):
-    self.in_states, self.out_states, self.sig, self.last = in_states, out_states, sig, last
-    self.fn, self.layout = fn, layout
-
-
-def _value_sig(value: Any) -> Any:
-  return jax.tree.map(jax.typeof, value)
+  def __init__(self, layout, sig, last, fn):
+    self.in_states, self.out_states = layout.in_states, layout.out_states
+    self.n_out, self.out_tree = layout.n_out, layout.out_tree
+    self.sig, self.last, self.fn, self.layout = sig, last, fn, layout
 
 
 def _module_of(fun: Any) -> Module | None:
@@ -62,6 +70,12 @@ def _module_of(fun: Any) -> Module | None:
     return fun
   owner = getattr(fun, '__self__', None)
   return owner if isinstance(owner, Module) else None
+
+
+def _arg_name(path) -> str:
+  kind, *rest = path
+  key = jax.tree_util.keystr(tuple(rest))
+  return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
 
 
 class StatefulMapping:
@@ -95,12 +109,10 @@ class StatefulMapping:
     if unexpected_out_state_mapping not in _POLICIES:
       raise ValueError(f'unexpected_out_state_mapping must be one of {_POLICIES}, '
                        f'got {unexpected_out_state_mapping!r}.')
-    if isinstance(in_axes, list):
-      in_axes = tuple(in_axes)
     if axis_size is not None and (not isinstance(axis_size, int) or axis_size < 1):
       raise ValueError(f'axis_size must be a positive int, got {axis_size!r}.')
     self.origin_fun = fun
-    self.in_axes = in_axes
+    self.in_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
     self.out_axes = out_axes
     self.state_in_axes = _axes.normalize_state_axes(state_in_axes, 'state_in_axes')
     self.state_out_axes = _axes.normalize_state_axes(state_out_axes, 'state_out_axes')
@@ -128,10 +140,25 @@ class StatefulMapping:
     self._cache: dict[Any, list[_Entry]] = {}
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
+    self._last_entry: _Entry | None = None
 
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
+    entry, leaves, vals, nested = self._entry(args, kwargs)
+    outs = entry.fn(*leaves, *vals)
+    n = entry.n_out
+    if nested:
+      for state, value in zip(entry.out_states, outs[n:]):
+        state.value = value
+    else:
+      for state, value in zip(entry.out_states, outs[n:]):
+        state._value = value
+      entry.last = [s._value for s in entry.in_states]
+    return entry.out_tree.unflatten(outs[:n])
+
+  def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list, bool]:
+    """The cache entry for this call (traced on a miss), its argument leaves and state values."""
     static = ()
     if self._static or self._static_names:
       args, kwargs, static = self._split_static(args, kwargs)
@@ -141,29 +168,27 @@ class StatefulMapping:
     except TypeError:
       raise self._bad_leaf(args, kwargs) from None
     nested = bool(frames())
-    entry = None
     entries = self._cache.get(key)
     if entries:
       entry = entries[-1]
       vals = ([s.value for s in entry.in_states] if nested
               else [s._value for s in entry.in_states])
-      if not all(map(operator.is_, vals, entry.last)):
-        entry = self._match(entries, vals)
-    if entry is None:
-      entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
-    outs = entry.fn(*leaves, *vals)
-    n = entry.layout.n_out
-    if nested:
-      for state, value in zip(entry.out_states, outs[n:]):
-        state.value = value
-    else:
-      for state, value in zip(entry.out_states, outs[n:]):
-        state._value = value
-      entry.last = [s._value for s in entry.in_states]
-    return entry.layout.out_tree.unflatten(outs[:n])
+      if all(map(operator.is_, vals, entry.last)):
+        return entry, leaves, vals, nested
+      entry = self._match(entries, vals)
+      if entry is not None:
+        return entry, leaves, vals, nested
+    entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
+    return entry, leaves, vals, nested
+
+  def _sig(self, value: Any) -> Any:
+    sig = jax.tree.map(jax.typeof, value)
+    if self._mapper.keeps_layout:
+      return sig, getattr(value, 'sharding', None)
+    return sig
 
   def _match(self, entries: list[_Entry], vals: list) -> _Entry | None:
-    sig = tuple(map(_value_sig, vals))
+    sig = tuple(map(self._sig, vals))
     for entry in reversed(entries):
       if entry.sig == sig:
         entry.last = vals
@@ -203,12 +228,14 @@ class StatefulMapping:
       try:
         jax.typeof(leaf)
       except TypeError:
-        where = _arg_name(path)
-        return TypeError(f'{self.name}: argument {where} is a {type(leaf).__name__}, not an '
-                         f'array; mark it static (static_argnums / static_broadcasted_argnums).')
+        return TypeError(f'{self.name}: argument {_arg_name(path)} is a {type(leaf).__name__}, '
+                         f'not an array; mark it static (static_argnums / '
+                         f'static_broadcasted_argnums).')
     return TypeError(f'{self.name}: arguments must be arrays.')
 
-  def _arg_axes(self, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+  # -- layout hooks (pmap2/vmap2: one int axis per slot; shard_map overrides) ------------------
+
+  def _layout_args(self, treedef, leaves, args, kwargs, paths) -> Layout:
     in_axes = self.in_axes
     if isinstance(in_axes, tuple):
       if len(in_axes) != len(args):
@@ -219,153 +246,73 @@ class StatefulMapping:
     else:
       per_arg = (in_axes,) * len(args)
     if not self._mapper.mapped:
-      return per_arg, [None] * len(jax.tree.leaves((args, kwargs)))
-    leaf_axes = _axes.leaf_axes((per_arg, 0), (args, kwargs), 'in_axes', 'argument')
-    return per_arg, leaf_axes
-
-  # -- the slow path: discovery and program ----------------------------------------------------
-
-  def _paths(self) -> dict[State, tuple]:
-    module = _module_of(self.origin_fun)
-    return module.state_paths() if module is not None else {}
-
-  def _describe(self, state: State, paths: dict) -> str:
-    path = paths.get(state)
-    shape = getattr(state._value, 'shape', None)
-    where = f' at path {path}' if path else ''
-    return f'{type(state).__name__}{where} (shape {shape})'
-
-  @staticmethod
-  def _first_axis(table: dict, state: State, paths: dict) -> int | None:
-    path = paths.get(state, ())
-    for axis, pred in table.items():
-      if pred(path, state):
-        return axis
-    return None
-
-  def _compile(self, key, treedef, leaves, args, kwargs, static):
-    mapper, name = self._mapper, self._name
-    paths = self._paths()
-    arg_axes, leaf_axes = self._arg_axes(args, kwargs)
-    sources = [(_arg_name(p), jnp.shape(x)[a]) for (p, x), a in
-               zip(jax.tree_util.tree_flatten_with_path((args, kwargs))[0], leaf_axes)
-               if a is not None]
-    if mapper.mapped:
-      size = _axes.mapped_size(sources, self.axis_size) if (sources or self.axis_size) else \
-          self._size_from_states(paths)
+      return Layout(None, None, treedef, len(leaves), per_arg, [],
+                    slot_axes=[None] * len(leaves))
+    axes = _axes.leaf_axes((per_arg, 0), (args, kwargs), 'in_axes', 'argument')
+    flat = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
+    sources = [(_arg_name(p), jnp.shape(x)[a]) for (p, x), a in zip(flat, axes) if a is not None]
+    if sources or self.axis_size is not None:
+      size = _axes.mapped_size(sources, self.axis_size)
     else:
-      size = None
-    layout = _Layout(treedef, len(leaves), arg_axes, out_axes=self.out_axes, size=size)
-    fun = self.origin_fun
-
-    def body(*lane_leaves):
-      a, kw = treedef.unflatten(lane_leaves)
-      a, kw = self._with_static(a, kw, static)
-      return fun(*a, **kw)
-
-    fed: dict[State, int] = {}   # read-modify-write states that 'auto' feeds per lane
-
-    def in_axis(state: State) -> int | None:
-      if state in fed:
-        return fed[state]
-      return self._first_axis(self.state_in_axes, state, paths)
-
-    def view(state: State, base: Any) -> Any:
-      if isinstance(state, RandomState):
-        return lane_key(base, name)[1]
-      axis = in_axis(state)
-      if axis is None:
-        return base
-      shape = jnp.shape(base)
-      what = f'state_in_axes for {self._describe(state, paths)}'
-      axis = _axes.check_axis(axis, len(shape), what, shape)
-      if shape[axis] != size:
-        raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size '
-                         f'is {size} (from {", ".join(w for w, _ in sources) or "axis_size"}).')
-      return vary(lane_slice(base, axis), name)
-
-    run = functools.partial(mapper.trace, slots=leaves, axes=leaf_axes, size=size, name=name)
-    while True:
-      disc = discover(run, body, view if mapper.mapped else None,
-                      name if mapper.mapped else None)
-      more = self._auto_fed(disc, size, fed)
-      if not more:
-        break
-      fed.update(more)
-
-    in_states = disc.reads
-    random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
-    out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_varies]
-    state_in = [None if s in random_in else _axes.check_axis(
-        in_axis(s), jnp.ndim(s._value), f'state_in_axes for {self._describe(s, paths)}',
-        jnp.shape(s._value)) for s in in_states]
-    state_out = [None if s in random_in else
-                 self._out_axis(s, disc, in_axis(s), paths) for s in out_states]
-
-    out_avals_tree = disc.out_tree.unflatten(disc.out_avals)
-    if mapper.mapped:
-      out_axes = _axes.leaf_axes(self.out_axes, out_avals_tree, 'out_axes', 'output', extra=1)
-      for (path, _), axis, v in zip(jax.tree_util.tree_flatten_with_path(out_avals_tree)[0],
-                                    out_axes, disc.out_varies):
-        if axis is None and v:
-          raise ValueError(f'out_axes is None for output{jax.tree_util.keystr(path)}, but its '
-                           f'value differs across the mapped axis {name!r}; map it (e.g. '
-                           f'out_axes=0) or reduce it with a collective first.')
-    else:
-      out_axes = [None] * len(disc.out_avals)
-    layout.out_tree, layout.n_out = disc.out_tree, len(disc.out_avals)
-    layout.slot_axes = list(leaf_axes) + state_in
-    layout.out_slot_axes = list(out_axes) + state_out
-    vary_out = [a is not None and not v for a, v in zip(out_axes, disc.out_varies)] + [
-        a is not None and not disc.write_varies.get(s, True)
-        for s, a in zip(out_states, state_out)]
-
-    program = self._program(body, in_states, random_in, out_states, vary_out, layout)
-    donate = self._donate_slots(args, kwargs, in_states, out_states, len(leaves))
-    fn = mapper.build(program, layout.slot_axes, layout.out_slot_axes, size, name, donate,
-                      layout)
-    vals = [s.value for s in in_states] if frames() else [s._value for s in in_states]
-    entry = _Entry(in_states, out_states, tuple(map(_value_sig, vals)), vals, fn, layout)
-    self._cache.setdefault(key, []).append(entry)
-    self._touched.update(dict.fromkeys(in_states + out_states))
-    return entry, vals
+      size = self._size_from_states(paths)
+    return Layout(self._name, size, treedef, len(leaves), per_arg, sources, self.out_axes,
+                  slot_axes=list(axes))
 
   def _size_from_states(self, paths: dict) -> int:
     sources = []
     for state, path in paths.items():
-      axis = self._first_axis(self.state_in_axes, state, paths)
+      axis = self._first(self.state_in_axes, state, paths)
       shape = jnp.shape(state._value)
       if axis is not None and -len(shape) <= axis < len(shape):
         sources.append((f'state {path}', shape[axis]))
     return _axes.mapped_size(sources, self.axis_size)
 
-  def _auto_fed(self, disc, size, fed) -> dict[State, int]:
-    if self.unexpected_out_state_mapping != 'auto':
-      return {}
-    paths = self._paths()
-    more = {}
-    for s in disc.writes:
-      if (s in disc.reads and disc.write_varies[s] and s not in fed
-          and not isinstance(s, RandomState)
-          and self._first_axis(self.state_out_axes, s, paths) is None
-          and self._first_axis(self.state_in_axes, s, paths) is None):
-        shape = jnp.shape(s._value)
-        if shape and shape[0] == size:
-          more[s] = 0
-    return more
+  def _layout_state_in(self, state: State, paths: dict, fed: dict) -> int | None:
+    if state in fed:
+      return fed[state]
+    return self._first(self.state_in_axes, state, paths)
 
-  def _out_axis(self, state, disc, in_axis, paths) -> int | None:
-    declared = self._first_axis(self.state_out_axes, state, paths)
-    lane_ndim = disc.write_ndim[state]
+  def _lane_names(self, layout: Layout) -> Any:
+    return layout.name
+
+  def _view(self, state: State, base: Any, layout: Layout, paths: dict, fed: dict) -> Any:
+    """The body's view of `state` on first read during discovery."""
+    if isinstance(state, RandomState):
+      return lane_key(base, self._lane_names(layout))[1]
+    axis = self._layout_state_in(state, paths, fed)
+    if axis is None:
+      return base
+    shape = jnp.shape(base)
+    what = f'state_in_axes for {self._describe(state, paths)}'
+    axis = _axes.check_axis(axis, len(shape), what, shape)
+    if shape[axis] != layout.size:
+      where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
+      raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size is '
+                       f'{layout.size} (from {where}).')
+    return vary(lane_slice(base, axis), layout.name)
+
+  def _layout_outputs(self, disc, layout: Layout) -> list:
+    out_avals = disc.out_tree.unflatten(disc.out_avals)
+    axes = _axes.leaf_axes(self.out_axes, out_avals, 'out_axes', 'output', extra=1)
+    flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
+    for (path, _), axis, v in zip(flat, axes, disc.out_varies):
+      if axis is None and v:
+        raise ValueError(f'out_axes is None for output{jax.tree_util.keystr(path)}, but its '
+                         f'value differs across the mapped axis {layout.name!r}; map it (e.g. '
+                         f'out_axes=0) or reduce it with a collective first.')
+    return axes
+
+  def _layout_state_out(self, state: State, disc, in_axis, paths: dict) -> int | None:
+    declared = self._first(self.state_out_axes, state, paths)
+    what = self._describe(state, paths)
     if declared is not None:
-      return _axes.check_axis(declared, lane_ndim, f'state_out_axes for '
-                              f'{self._describe(state, paths)}', (), extra=1)
+      return _axes.check_axis(declared, disc.write_ndim[state], f'state_out_axes for {what}',
+                              (), extra=1)
     if not disc.write_varies[state]:
       return None
     if in_axis is not None:
       return in_axis
     policy = self.unexpected_out_state_mapping
-    what = self._describe(state, paths)
     if policy == 'raise':
       raise BatchAxisError(
           f'{what} is written with a value that differs across the mapped axis '
@@ -375,20 +322,134 @@ class StatefulMapping:
                             and state not in self._warned):
       self._warned.add(state)
       warnings.warn(f'{what} is written with per-lane values but has no out axis in '
-                    f'state_out_axes; it is gathered along axis 0.', UserWarning, stacklevel=4)
+                    f'state_out_axes; it is gathered along axis 0.', UserWarning, stacklevel=5)
     return 0
 
-  def _program(self, body, in_states, random_in, out_states, vary_out, layout):
-    name, n_leaves = self._name, layout.n_leaves
-    in_set = set(in_states)
-    random_set = set(random_in)
+  def _auto_fed(self, disc, layout: Layout, fed: dict, paths: dict) -> dict[State, int]:
+    """Read-modify-write states that policy 'auto' feeds per lane (size along 0 == mapped)."""
+    if self.unexpected_out_state_mapping != 'auto' or not self._mapper.mapped:
+      return {}
+    more = {}
+    for s in disc.writes:
+      if (s in disc.reads and disc.write_varies[s] and s not in fed
+          and not isinstance(s, RandomState)
+          and self._first(self.state_out_axes, s, paths) is None
+          and self._first(self.state_in_axes, s, paths) is None):
+        shape = jnp.shape(s._value)
+        if shape and shape[0] == layout.size:
+          more[s] = 0
+    return more
+
+  # -- the slow path: discovery and program ----------------------------------------------------
+
+  def _paths(self) -> dict[State, tuple]:
+    module = _module_of(self.origin_fun)
+    return module.state_paths() if module is not None else {}
+
+  @staticmethod
+  def _describe(state: State, paths: dict) -> str:
+    path = paths.get(state)
+    where = f' at path {path}' if path else ''
+    return f'{type(state).__name__}{where} (shape {jnp.shape(state._value)})'
+
+  @staticmethod
+  def _first(table: dict | list, state: State, paths: dict) -> Any:
+    path = paths.get(state, ())
+    items = table.items() if isinstance(table, dict) else table
+    for layout, pred in items:
+      if pred(path, state):
+        return layout
+    return None
+
+  def _compile(self, key, treedef, leaves, args, kwargs, static):
+    mapper = self._mapper
+    paths = self._paths()
+    layout = self._layout_args(treedef, leaves, args, kwargs, paths)
+    fun = self.origin_fun
+
+    def body(*lane_leaves):
+      a, kw = treedef.unflatten(lane_leaves)
+      a, kw = self._with_static(a, kw, static)
+      return fun(*a, **kw)
+
+    fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
+    view = None
+    if mapper.mapped:
+      def view(state, base):
+        return self._view(state, base, layout, paths, fed)
+    while True:
+      try:
+        disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view,
+                        layout.name)
+      except NeedAxis as need:   # a nested pmap2 asked this one's mesh for its axis
+        if not hasattr(mapper, 'add_axis'):
+          raise
+        mapper.add_axis(need)
+        continue
+      more = self._auto_fed(disc, layout, fed, paths)
+      if not more:
+        break
+      fed.update(more)
+
+    in_states = disc.reads
+    random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
+    out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_varies]
+    state_in = [None if s in random_in else self._layout_state_in(s, paths, fed)
+                for s in in_states]
+    state_in = [self._check_state_in(s, a, paths) for s, a in zip(in_states, state_in)]
+    in_layout = dict(zip(in_states, state_in))
+    state_out = [None if s in random_in else
+                 self._layout_state_out(s, disc, in_layout.get(s), paths) for s in out_states]
+    out_axes = (self._layout_outputs(disc, layout) if mapper.mapped
+                else [None] * len(disc.out_avals))
+    layout.out_tree, layout.n_out = disc.out_tree, len(disc.out_avals)
+    layout.slot_axes += state_in
+    layout.out_slot_axes = list(out_axes) + state_out
+    layout.in_states, layout.out_states = in_states, out_states
+
+    vals = [s.value for s in in_states] if frames() else [s._value for s in in_states]
+    layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
+                                                in_layout, state_out)
+    program = self._program(body, random_in, layout)
+    donate = self._donate_slots(args, in_states, out_states, len(leaves))
+    fn = mapper.build(program, layout, donate)
+    entry = _Entry(layout, tuple(map(self._sig, vals)), vals, fn)
+    self._cache.setdefault(key, []).append(entry)
+    self._touched.update(dict.fromkeys(in_states + out_states))
+    self._last_entry = entry
+    return entry, vals
+
+  def _check_state_in(self, state: State, axis: Any, paths: dict) -> Any:
+    if axis is None or not isinstance(axis, int):
+      return axis
+    shape = jnp.shape(state._value)
+    return _axes.check_axis(axis, len(shape), f'state_in_axes for {self._describe(state, paths)}',
+                            shape)
+
+  def _kept_shardings(self, layout, disc, vals, in_layout, state_out) -> list:
+    """Per out slot, the sharding that keeps a rewritten state's layout (None: no constraint)."""
+    mapper = self._mapper
+    if not mapper.keeps_layout:
+      return []
+    kept = [None] * layout.n_out
+    for state, out in zip(layout.out_states, state_out):
+      value = vals.get(state)
+      same = (state in vals and state in disc.write_shapes and
+              _lane_shape(value, in_layout[state]) == disc.write_shapes[state])
+      kept.append(mapper.keep(value, in_layout.get(state), out, layout) if same else None)
+    return kept
+
+  def _program(self, body: Callable, random_in: list, layout: Layout) -> Callable:
+    names, n_leaves = self._lane_names(layout), layout.n_leaves
+    in_states, out_states = layout.in_states, layout.out_states
+    in_set, random_set = set(in_states), set(random_in)
 
     def program(*lane_slots):
       nxt = {}
       with Frame() as frame:
         for state, value in zip(in_states, lane_slots[n_leaves:]):
           if state in random_set:
-            nxt[state], value = lane_key(value, name)
+            nxt[state], value = lane_key(value, names)
           frame.preset(state, value)
         out = body(*lane_slots[:n_leaves])
         stray = [s for s in frame.reads if s not in in_set]
@@ -400,11 +461,10 @@ class StatefulMapping:
       if tree != layout.out_tree:
         raise RuntimeError(f'{self.name} returned {tree} on its second trace, {layout.out_tree} '
                            f'on its first.')
-      slots = [*out_leaves, *(jax.tree.map(jnp.asarray, v) for v in new)]
-      return tuple(vary(v, name) if need else v for v, need in zip(slots, vary_out))
+      return (*out_leaves, *(jax.tree.map(jnp.asarray, v) for v in new))
     return program
 
-  def _donate_slots(self, args, kwargs, in_states, out_states, n_leaves) -> tuple[int, ...]:
+  def _donate_slots(self, args, in_states, out_states, n_leaves) -> tuple[int, ...]:
     slots = []
     if self._donate:
       offsets = list(itertools.accumulate([0] + [len(jax.tree.leaves(a)) for a in args]))
@@ -430,10 +490,11 @@ class StatefulMapping:
             f'axis_name={self.axis_name!r})')
 
 
-def _arg_name(path) -> str:
-  (kind, *rest) = path
-  key = jax.tree_util.keystr(tuple(rest))
-  return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
+def _lane_shape(value: Any, axis: Any) -> tuple | None:
+  shape = tuple(jnp.shape(value))
+  if isinstance(axis, int):
+    return shape[:axis] + shape[axis + 1:]
+  return shape
 
 
 StatefulMapping.__module__ = 'meshstate.transform'

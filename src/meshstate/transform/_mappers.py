@@ -1,10 +1,10 @@
 """Mappers: how an entry's program is traced (discovery) and run, for vmap, jit and user maps.
 
 A mapper turns `body(*lane_slots) -> out_slots` into one callable over global slots. A *slot* is
-one positional value of the program: an argument leaf or a state's value (a pytree). Each slot
-has one mapped axis (an int) or None. Mappers also trace a probe abstractly (no compile) for
-discovery, through the same mapping that will run it. The `Mesh` + `shard_map` mapper of
-`pmap2` lives in `_mesh.py`.
+one positional value of the program: an argument leaf or a state's value (a pytree). The
+layout (`_engine.Layout`) gives each slot its mapped axis, or None. Mappers also trace a probe
+abstractly (no compile) for discovery, through the same mapping that will run it. The
+`Mesh` + `shard_map` mappers live in `_mesh.py`.
 """
 from __future__ import annotations
 
@@ -12,44 +12,58 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper']
+__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain']
+
+
+def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
+  """Pin output slots to the given shardings (None leaves a slot as the compiler lays it out)."""
+  if not shardings:
+    return tuple(outs)
+  return tuple(o if s is None else jax.lax.with_sharding_constraint(o, s)
+               for o, s in zip(outs, shardings))
 
 
 class Mapper:
   """Strategy of a `StatefulMapping`: how to trace (discovery) and run (program) its body."""
-  mapped = True  # False for plain jit: no axis, nothing varies, random keys are not split
+  mapped = True        # False for plain jit: no axis, nothing varies, random keys are not split
+  keeps_layout = False  # True when written states are pinned to the layout they came in with
 
-  def trace(self, probe: Callable, slots: Sequence[Any], axes: Sequence[int | None], size: int,
-            name: str) -> None:
+  def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> None:
     raise NotImplementedError
 
-  def build(self, body: Callable, axes: Sequence[int | None], out_axes: Sequence[int | None],
-            size: int, name: str, donate: tuple[int, ...], layout: Any) -> Callable:
+  def build(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Callable:
     raise NotImplementedError
 
 
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`)."""
 
-  def trace(self, probe, slots, axes, size, name):
-    jax.eval_shape(jax.vmap(probe, in_axes=tuple(axes), out_axes=None, axis_name=name,
-                            axis_size=size), *slots)
+  def _vmap(self, fn, layout, out_axes):
+    return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=out_axes,
+                    axis_name=layout.name, axis_size=layout.size)
 
-  def build(self, body, axes, out_axes, size, name, donate, layout):
-    mapped = jax.vmap(body, in_axes=tuple(axes), out_axes=tuple(out_axes), axis_name=name,
-                      axis_size=size)
-    return jax.jit(mapped, donate_argnums=donate)
+  def trace(self, probe, slots, layout):
+    jax.eval_shape(self._vmap(probe, layout, None), *slots)
+
+  def build(self, body, layout, donate):
+    return jax.jit(self._vmap(body, layout, tuple(layout.out_slot_axes)), donate_argnums=donate)
 
 
 class JitMapper(Mapper):
   """No mapping at all: the engine of the state-aware `jit`."""
   mapped = False
+  keeps_layout = True
 
-  def trace(self, probe, slots, axes, size, name):
+  def trace(self, probe, slots, layout):
     jax.eval_shape(probe, *slots)
 
-  def build(self, body, axes, out_axes, size, name, donate, layout):
-    return jax.jit(body, donate_argnums=donate)
+  def build(self, body, layout, donate):
+    return jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),
+                   donate_argnums=donate)
+
+  def keep(self, value: Any, in_axis: None, out_axis: None, layout: Any) -> Any:
+    sharding = getattr(value, 'sharding', None)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 class CustomMapper(VmapMapper):
@@ -63,7 +77,7 @@ class CustomMapper(VmapMapper):
   def __init__(self, mapping_fn: Callable):
     self.mapping_fn = mapping_fn
 
-  def build(self, body, axes, out_axes, size, name, donate, layout):
+  def build(self, body, layout, donate):
     n_in, n_out = layout.n_leaves, layout.n_out
 
     def pure(*args, **kwargs):
@@ -72,9 +86,9 @@ class CustomMapper(VmapMapper):
       outs = body(*leaves, *state_values)
       return layout.out_tree.unflatten(outs[:n_out]), list(outs[n_out:])
 
-    mapped = self.mapping_fn(pure, in_axes=(*layout.arg_axes, list(axes[n_in:])),
-                             out_axes=(layout.out_axes, list(out_axes[n_out:])),
-                             axis_name=name, axis_size=size)
+    mapped = self.mapping_fn(pure, in_axes=(*layout.arg_axes, list(layout.slot_axes[n_in:])),
+                             out_axes=(layout.out_axes, list(layout.out_slot_axes[n_out:])),
+                             axis_name=layout.name, axis_size=layout.size)
 
     def call(*slots):
       args, kwargs = layout.treedef.unflatten(slots[:n_in])

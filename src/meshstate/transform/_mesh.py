@@ -1,24 +1,64 @@
-"""The default engine of `pmap2`: a `jax.sharding.Mesh` and `jax.shard_map` under `jax.jit`."""
+"""The `Mesh` + `jax.shard_map` engines: `pmap2`'s axis mapper and the state-aware `shard_map`'s.
+
+`MeshMapper` splits each slot's mapped dimension over one mesh axis and squeezes it away inside,
+so the body sees what `jax.pmap` would show it. Its mesh is a 1-D mesh over the chosen devices,
+a user's multi-axis mesh, or — for a `pmap2` called inside another — the enclosing call's mesh,
+which grows an axis for the inner map. `SpecMapper` hands explicit `PartitionSpec`s to
+`shard_map` and shows the body per-device blocks, as `jax.shard_map` does.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate.transform._axes import spec_at
-from meshstate.transform._mappers import Mapper
+from meshstate.transform._mappers import Mapper, constrain
 
-__all__ = ['MeshMapper', 'mesh_1d']
+__all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh']
 
 
 @functools.lru_cache(maxsize=None)
-def mesh_1d(devices: tuple, name: str) -> Mesh:
-  """The 1-D mesh named `name` over `devices`, built once per device tuple."""
-  return Mesh(np.array(devices, dtype=object), (name,))
+def mesh_1d(devices: tuple, names: tuple, shape: tuple) -> Mesh:
+  """The mesh named `names` of `shape` over `devices`, built once per device tuple."""
+  return Mesh(np.array(devices, dtype=object).reshape(shape), names)
+
+
+class _Context(threading.local):
+  def __init__(self):
+    self.meshes: list[Mesh] = []
+
+
+_context = _Context()
+
+
+def current_mesh() -> Mesh | None:
+  """The mesh of the innermost meshstate `shard_map` body being traced, if any."""
+  return _context.meshes[-1] if _context.meshes else None
+
+
+@contextlib.contextmanager
+def _inside(mesh: Mesh):
+  _context.meshes.append(mesh)
+  try:
+    yield
+  finally:
+    _context.meshes.pop()
+
+
+class NeedAxis(Exception):
+  """Raised by a `pmap2` traced inside another whose mesh lacks its axis: the outer adds it."""
+
+  def __init__(self, name: str, size: int):
+    super().__init__(f'nested pmap2 needs mesh axis {name!r} of size {size}')
+    self.name, self.size = name, size
 
 
 def _squeeze(slots: Sequence[Any], axes: Sequence[int | None]) -> list[Any]:
@@ -31,46 +71,131 @@ def _expand(slots: Sequence[Any], axes: Sequence[int | None]) -> tuple[Any, ...]
                for v, a in zip(slots, axes))
 
 
-class MeshMapper(Mapper):
-  """`jax.shard_map` over a 1-D `Mesh` under one `jax.jit` (the engine of `pmap2`).
+class _ShardMapMapper(Mapper):
+  """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
 
-  The mapped dimension of each slot is split over the mesh axis; inside, each device holds a
-  block of size one that is squeezed away, so the body sees what `jax.pmap` would show it.
-  """
+  def mesh_and_specs(self, layout) -> tuple[Mesh, frozenset, tuple, tuple]:
+    """`(mesh, manual axes, in_specs, out_specs)` for `layout`."""
+    raise NotImplementedError
 
-  def __init__(self, devices: Sequence[Any] | None = None, backend: str | None = None):
+  def block_fn(self, body: Callable, layout) -> Callable:
+    """`body` (which sees lanes) as a function of the per-device blocks shard_map passes."""
+    raise NotImplementedError
+
+  def _shard_map(self, fn, layout, out_specs=None):
+    mesh, manual, in_specs, outs = self.mesh_and_specs(layout)
+    block = self.block_fn(fn, layout)
+
+    def inside(*slots):
+      with _inside(mesh):
+        return block(*slots)
+    # Inside an enclosing meshstate shard_map, JAX wants the context's (partly manual) mesh.
+    nested = bool(_context.meshes) and _context.meshes[-1] is mesh
+    return jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
+                         in_specs=in_specs,
+                         out_specs=outs if out_specs is None else out_specs,
+                         axis_names=manual, check_vma=True)
+
+  def trace(self, probe, slots, layout):
+    def returns_nothing(*lanes):
+      probe(*lanes)
+      return ()
+    jax.eval_shape(self._shard_map(returns_nothing, layout, out_specs=()), *slots)
+
+  def build(self, body, layout, donate):
+    mapped = self._shard_map(body, layout)
+    return jax.jit(lambda *slots: constrain(mapped(*slots), layout.out_shardings),
+                   donate_argnums=donate)
+
+
+class MeshMapper(_ShardMapMapper):
+  """`jax.shard_map` over one mesh axis under one `jax.jit` (the engine of `pmap2`)."""
+
+  def __init__(self, devices: Sequence[Any] | None = None, backend: str | None = None,
+               mesh: Mesh | None = None):
+    if mesh is not None and devices is not None:
+      raise ValueError('pmap2 takes devices= or mesh=, not both.')
     self.devices = None if devices is None else tuple(devices)
     self.backend = backend
+    self.user_mesh = mesh
+    self.keeps_layout = mesh is not None
+    self._inner: dict[str, int] = {}   # axes that nested pmap2 calls asked for
+
+  def add_axis(self, need: NeedAxis) -> None:
+    if need.name in self._inner:
+      raise ValueError(f'Nested pmap2 calls disagree on the size of axis {need.name!r}: '
+                       f'{self._inner[need.name]} and {need.size}.')
+    self._inner[need.name] = need.size
 
   def mesh(self, size: int, name: str) -> Mesh:
+    mesh = self.user_mesh
+    if mesh is None and current_mesh() is not None and self.devices is None:
+      mesh = current_mesh()
+      if name not in mesh.axis_names:
+        raise NeedAxis(name, size)
+    if mesh is not None:
+      if name not in mesh.axis_names:
+        raise ValueError(f'axis_name {name!r} is not an axis of the mesh, whose axes are '
+                         f'{dict(mesh.shape)}.')
+      if mesh.shape[name] != size:
+        raise ValueError(f'The mapped axis has size {size}, but mesh axis {name!r} has size '
+                         f'{mesh.shape[name]} (mesh {dict(mesh.shape)}).')
+      return mesh
+    shape = (size, *self._inner.values())
+    need = math.prod(shape)
     if self.devices is not None:
       devices = self.devices
-      if len(devices) != size:
+      if len(devices) != need:
         raise ValueError(f'pmap2 was given devices= with {len(devices)} devices, but the mapped '
                          f'axis has size {size}; they must be equal.')
     else:
       devices = tuple(jax.local_devices(backend=self.backend))
-      if size > len(devices):
-        raise ValueError(f'The mapped axis has size {size}, more than the {len(devices)} '
-                         f'available devices; pass at most {len(devices)} lanes to pmap2 '
-                         f'(or use vmap2).')
-      devices = devices[:size]
-    return mesh_1d(devices, name)
+      if need > len(devices):
+        raise ValueError(f'The mapped axis has size {size}{self._inner_text()}, which needs '
+                         f'{need} devices, but only {len(devices)} are available; pass at most '
+                         f'{len(devices)} lanes to pmap2 (or use vmap2).')
+      devices = devices[:need]
+    return mesh_1d(devices, (name, *self._inner), shape)
 
-  def _shard_map(self, fn, axes, out_axes, size, name):
-    return jax.shard_map(fn, mesh=self.mesh(size, name),
-                         in_specs=tuple(spec_at(a, name) for a in axes),
-                         out_specs=out_axes if out_axes == () else
-                         tuple(spec_at(a, name) for a in out_axes),
-                         check_vma=True)
+  def _inner_text(self) -> str:
+    return ''.join(f' x {s} (nested axis {n!r})' for n, s in self._inner.items())
 
-  def trace(self, probe, slots, axes, size, name):
-    def squeezed(*slots):
-      probe(*_squeeze(slots, axes))
-      return ()
-    jax.eval_shape(self._shard_map(squeezed, axes, (), size, name), *slots)
+  def mesh_and_specs(self, layout):
+    name = layout.name
+    return (self.mesh(layout.size, name), frozenset({name}),
+            tuple(spec_at(a, name) for a in layout.slot_axes),
+            tuple(spec_at(a, name) for a in layout.out_slot_axes))
 
-  def build(self, body, axes, out_axes, size, name, donate, layout):
-    def squeezed(*slots):
-      return _expand(body(*_squeeze(slots, axes)), out_axes)
-    return jax.jit(self._shard_map(squeezed, axes, out_axes, size, name), donate_argnums=donate)
+  def block_fn(self, body, layout):
+    def block(*slots):
+      return _expand(body(*_squeeze(slots, layout.slot_axes)), layout.out_slot_axes)
+    return block
+
+  def keep(self, value: Any, in_axis: int | None, out_axis: int | None, layout) -> Any:
+    """The sharding that keeps a written state's layout over the mesh's other axes."""
+    sharding = getattr(value, 'sharding', None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh != self.mesh(layout.size,
+                                                                              layout.name):
+      return None
+    entries = list(sharding.spec) + [None] * (value.ndim - len(sharding.spec))
+    if in_axis is not None:
+      del entries[in_axis]
+    entries = [None if e == layout.name else e for e in entries]
+    if out_axis is not None:
+      entries.insert(out_axis, layout.name)
+    return NamedSharding(sharding.mesh, P(*entries))
+
+
+class SpecMapper(_ShardMapMapper):
+  """`jax.shard_map` with explicit `PartitionSpec`s per slot, all mesh axes manual."""
+
+  def __init__(self, mesh: Mesh):
+    self.user_mesh = mesh
+
+  def mesh_and_specs(self, layout):
+    mesh = self.user_mesh
+    return mesh, frozenset(mesh.axis_names), tuple(layout.slot_axes), tuple(
+        layout.out_slot_axes)
+
+  def block_fn(self, body, layout):
+    return body

@@ -72,6 +72,7 @@ class Discovery:
   writes: list[State]
   write_varies: dict[State, bool]
   write_ndim: dict[State, int]      # rank of the (first leaf of the) lane value written
+  write_shapes: dict[State, tuple]  # its shape
   out_tree: Any
   out_avals: list[Any]
   out_varies: list[bool]
@@ -93,8 +94,9 @@ def discover(run: Callable[[Callable], None], body: Callable[..., Any],
       found['reads'] = list(frame.reads)
       found['writes'] = list(frame.writes)
       found['write_varies'] = {s: name is not None and varies(v, name) for s, v in written.items()}
-      found['write_ndim'] = {s: jnp.ndim((jax.tree.leaves(v) or [0])[0])
-                             for s, v in written.items()}
+      found['write_shapes'] = {s: tuple(jnp.shape((jax.tree.leaves(v) or [0])[0]))
+                               for s, v in written.items()}
+      found['write_ndim'] = {s: len(shape) for s, shape in found['write_shapes'].items()}
       leaves, found['out_tree'] = jax.tree.flatten(out)
       found['out_avals'] = [jax.typeof(x) for x in leaves]
       found['out_varies'] = [name is not None and varies(x, name) for x in leaves]
