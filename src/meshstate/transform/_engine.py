@@ -24,7 +24,7 @@ from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis
-from meshstate.transform._trace import discover, lane_key, lane_slice, vary
+from meshstate.transform._trace import discover, lane_key, lane_slice, placeholder, vary
 
 __all__ = ['StatefulMapping', 'Layout']
 
@@ -281,7 +281,7 @@ class StatefulMapping:
       return lane_key(base, self._lane_names(layout))[1]
     axis = self._layout_state_in(state, paths, fed)
     if axis is None:
-      return base
+      return placeholder(base)
     shape = jnp.shape(base)
     what = f'state_in_axes for {self._describe(state, paths)}'
     axis = _axes.check_axis(axis, len(shape), what, shape)
@@ -289,7 +289,7 @@ class StatefulMapping:
       where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
       raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size is '
                        f'{layout.size} (from {where}).')
-    return vary(lane_slice(base, axis), layout.name)
+    return vary(lane_slice(placeholder(base), axis), layout.name)
 
   def _layout_outputs(self, disc, layout: Layout) -> list:
     out_avals = disc.out_tree.unflatten(disc.out_avals)
@@ -382,7 +382,7 @@ class StatefulMapping:
         disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view,
                         layout.name)
       except NeedAxis as need:   # a nested pmap2 asked this one's mesh for its axis
-        if not hasattr(mapper, 'add_axis'):
+        if need.asker is mapper or not hasattr(mapper, 'add_axis'):
           raise
         mapper.add_axis(need)
         continue

@@ -5,9 +5,9 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from meshstate.transform._engine import StatefulMapping
-from meshstate.transform._mappers import VmapMapper
 from meshstate.transform._mesh import MeshMapper
 
 __all__ = ['pmap2', 'vmap2']
@@ -18,13 +18,15 @@ def pmap2(fn: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0
           devices: Sequence[Any] | None = None, backend: str | None = None,
           axis_size: int | None = None, donate_argnums: int | Sequence[int] = (),
           state_in_axes: Any = None, state_out_axes: Any = None,
-          unexpected_out_state_mapping: str = 'auto',
+          unexpected_out_state_mapping: str = 'auto', mesh: Mesh | None = None,
           donate_states: bool = False) -> StatefulMapping | Callable:
   """Map `fn` over devices like `jax.pmap`, carrying the `State`s it reads and writes.
 
   Runs as one `jax.jit(jax.shard_map(...))` over a 1-D mesh of the chosen devices; after a
-  call every written state holds a `jax.Array` sharded on that mesh. Without `fn`, returns a
-  decorator.
+  call every written state holds a `jax.Array` sharded on that mesh. With `mesh=`, maps over
+  the axis `axis_name` of that (multi-axis) mesh, and states sharded over its other axes keep
+  that layout. `donate_states=True` donates the buffers of states the call rewrites. Without
+  `fn`, returns a decorator.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate
@@ -42,15 +44,18 @@ def pmap2(fn: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0
                 static_broadcasted_argnums=static_broadcasted_argnums, devices=devices,
                 backend=backend, axis_size=axis_size, donate_argnums=donate_argnums,
                 state_in_axes=state_in_axes, state_out_axes=state_out_axes,
-                unexpected_out_state_mapping=unexpected_out_state_mapping,
+                unexpected_out_state_mapping=unexpected_out_state_mapping, mesh=mesh,
                 donate_states=donate_states)
   if fn is None:
     return functools.partial(pmap2, **kwargs)
+  if mesh is not None and axis_name is None:
+    raise ValueError(f'pmap2(mesh=...) needs axis_name= naming one of the mesh axes '
+                     f'{tuple(mesh.axis_names)}.')
   return StatefulMapping(fn, in_axes=in_axes, out_axes=out_axes, state_in_axes=state_in_axes,
                          state_out_axes=state_out_axes,
                          unexpected_out_state_mapping=unexpected_out_state_mapping,
                          axis_size=axis_size, axis_name=axis_name,
-                         mapping_fn=MeshMapper(devices, backend),
+                         mapping_fn=MeshMapper(devices, backend, mesh),
                          static_argnums=static_broadcasted_argnums,
                          donate_argnums=donate_argnums, donate_states=donate_states)
 

@@ -15,12 +15,20 @@ import jax
 __all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain']
 
 
+def _pin(value: Any, sharding: Any) -> Any:
+  if sharding is None:
+    return value
+  explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
+  # On Explicit-axis meshes the sharding is part of the type: change it with reshard.
+  pin = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
+  return pin(value, sharding)
+
+
 def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
   """Pin output slots to the given shardings (None leaves a slot as the compiler lays it out)."""
   if not shardings:
     return tuple(outs)
-  return tuple(o if s is None else jax.lax.with_sharding_constraint(o, s)
-               for o, s in zip(outs, shardings))
+  return tuple(map(_pin, outs, shardings))
 
 
 class Mapper:

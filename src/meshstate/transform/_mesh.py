@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate.transform._axes import spec_at
 from meshstate.transform._mappers import Mapper, constrain
@@ -56,9 +57,9 @@ def _inside(mesh: Mesh):
 class NeedAxis(Exception):
   """Raised by a `pmap2` traced inside another whose mesh lacks its axis: the outer adds it."""
 
-  def __init__(self, name: str, size: int):
+  def __init__(self, name: str, size: int, asker: 'MeshMapper'):
     super().__init__(f'nested pmap2 needs mesh axis {name!r} of size {size}')
-    self.name, self.size = name, size
+    self.name, self.size, self.asker = name, size, asker
 
 
 def _squeeze(slots: Sequence[Any], axes: Sequence[int | None]) -> list[Any]:
@@ -69,6 +70,27 @@ def _squeeze(slots: Sequence[Any], axes: Sequence[int | None]) -> list[Any]:
 def _expand(slots: Sequence[Any], axes: Sequence[int | None]) -> tuple[Any, ...]:
   return tuple(v if a is None else jax.tree.map(lambda x, a=a: lax.expand_dims(x, (a,)), v)
                for v, a in zip(slots, axes))
+
+
+def _entry_axes(entry: Any) -> tuple:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _fit(x: Any, spec: P, manual: frozenset, mesh: Mesh) -> Any:
+  """`x` resharded so its manual-axis layout is `spec`, its other axes as they were.
+
+  shard_map does not reshard inputs on Explicit-axis meshes; this does it first.
+  """
+  current = tuple(jax.typeof(x).sharding.spec)
+  current += (None,) * (jnp.ndim(x) - len(current))
+  want = []
+  for dim, entry in enumerate(current):
+    kept = tuple(a for a in _entry_axes(entry) if a not in manual)
+    new = kept + (_entry_axes(spec[dim]) if dim < len(spec) else ())
+    want.append(None if not new else new[0] if len(new) == 1 else new)
+  if tuple(want) == current:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
 
 
 class _ShardMapMapper(Mapper):
@@ -91,10 +113,17 @@ class _ShardMapMapper(Mapper):
         return block(*slots)
     # Inside an enclosing meshstate shard_map, JAX wants the context's (partly manual) mesh.
     nested = bool(_context.meshes) and _context.meshes[-1] is mesh
-    return jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
-                         in_specs=in_specs,
-                         out_specs=outs if out_specs is None else out_specs,
-                         axis_names=manual, check_vma=True)
+    mapped = jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
+                           in_specs=in_specs,
+                           out_specs=outs if out_specs is None else out_specs,
+                           axis_names=manual, check_vma=True)
+    if nested or AxisType.Explicit not in tuple(mesh.axis_types):
+      return mapped
+
+    def refit(*slots):
+      return mapped(*(jax.tree.map(lambda x, s=s: _fit(x, s, manual, mesh), v)
+                      for v, s in zip(slots, in_specs)))
+    return refit
 
   def trace(self, probe, slots, layout):
     def returns_nothing(*lanes):
@@ -132,7 +161,7 @@ class MeshMapper(_ShardMapMapper):
     if mesh is None and current_mesh() is not None and self.devices is None:
       mesh = current_mesh()
       if name not in mesh.axis_names:
-        raise NeedAxis(name, size)
+        raise NeedAxis(name, size, self)
     if mesh is not None:
       if name not in mesh.axis_names:
         raise ValueError(f'axis_name {name!r} is not an axis of the mesh, whose axes are '
@@ -194,8 +223,9 @@ class SpecMapper(_ShardMapMapper):
 
   def mesh_and_specs(self, layout):
     mesh = self.user_mesh
-    return mesh, frozenset(mesh.axis_names), tuple(layout.slot_axes), tuple(
-        layout.out_slot_axes)
+    specs = lambda layouts: tuple(P() if s is None else s for s in layouts)  # noqa: E731
+    return (mesh, frozenset(mesh.axis_names), specs(layout.slot_axes),
+            specs(layout.out_slot_axes))
 
   def block_fn(self, body, layout):
     return body

@@ -17,7 +17,7 @@ from jax import lax
 
 from meshstate._state import Frame, State
 
-__all__ = ['Discovery', 'discover', 'varies', 'vary', 'lane_key', 'lane_slice']
+__all__ = ['Discovery', 'discover', 'varies', 'vary', 'lane_key', 'lane_slice', 'placeholder', 'vma_of']
 
 
 def _vma(aval) -> frozenset:
@@ -39,6 +39,12 @@ def _batched(x: Any, name: Any) -> bool:
   return getattr(axis_data, 'name', name) == name
 
 
+def vma_of(value: Any) -> frozenset:
+  """The mesh axes any leaf of `value` varies over, inside `shard_map`."""
+  return frozenset().union(*(_vma(jax.typeof(x)) for x in jax.tree.leaves(value)
+                             if isinstance(x, jax.core.Tracer)))
+
+
 def varies(value: Any, name: Any) -> bool:
   """Whether any leaf of `value` differs across the mapped axis `name`."""
   for leaf in jax.tree.leaves(value):
@@ -52,6 +58,22 @@ def vary(value: Any, name: Any) -> Any:
   """`value` typed as varying across `name` (same numbers on every lane)."""
   keep = lax.axis_index(name) >= 0
   return jax.tree.map(lambda x: lax.select(jnp.broadcast_to(keep, jnp.shape(x)), x, x), value)
+
+
+def _placeholder(x: Any) -> Any:
+  if isinstance(x, jax.core.Tracer) or jax.dtypes.issubdtype(jnp.result_type(x),
+                                                             jax.dtypes.prng_key):
+    return x
+  return lax.full(jnp.shape(x), 0, jnp.result_type(x))
+
+
+def placeholder(value: Any) -> Any:
+  """A traced stand-in of `value`'s shape and dtype for discovery.
+
+  Closing over the concrete array instead would carry its sharding type into the body, which
+  breaks on Explicit-axis meshes; only shapes and dtypes matter to discovery.
+  """
+  return jax.tree.map(_placeholder, value)
 
 
 def lane_slice(value: Any, axis: int) -> Any:
@@ -73,6 +95,8 @@ class Discovery:
   write_varies: dict[State, bool]
   write_ndim: dict[State, int]      # rank of the (first leaf of the) lane value written
   write_shapes: dict[State, tuple]  # its shape
+  write_vma: dict[State, frozenset]  # mesh axes the written value varies over (shard_map)
+  out_vma: list[frozenset]
   out_tree: Any
   out_avals: list[Any]
   out_varies: list[bool]
@@ -100,6 +124,8 @@ def discover(run: Callable[[Callable], None], body: Callable[..., Any],
       leaves, found['out_tree'] = jax.tree.flatten(out)
       found['out_avals'] = [jax.typeof(x) for x in leaves]
       found['out_varies'] = [name is not None and varies(x, name) for x in leaves]
+      found['write_vma'] = {s: vma_of(v) for s, v in written.items()}
+      found['out_vma'] = [vma_of(x) for x in leaves]
 
   run(probe)
   return Discovery(**found)

@@ -1,0 +1,170 @@
+"""The state-aware `shard_map`: explicit `PartitionSpec`s for arguments, outputs and states."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from meshstate._state import State
+from meshstate.random import RandomState
+from meshstate.transform import _axes
+from meshstate.transform._engine import Layout, StatefulMapping
+from meshstate.transform._mesh import SpecMapper
+from meshstate.transform._trace import lane_key, placeholder, vary
+from meshstate.util.filter import Everything, to_predicate
+
+__all__ = ['shard_map', 'StatefulShardMap']
+
+
+def _spec_axes(spec: P) -> tuple:
+  """The mesh axes a spec names, in order."""
+  return tuple(a for entry in spec if entry is not None
+               for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+
+def _state_specs(specs: Any, argname: str) -> list[tuple[P, Callable]]:
+  """One spec, `{State: spec}` or `{filter: spec}` → `[(spec, predicate)]`, first match wins."""
+  if specs is None:
+    return []
+  if isinstance(specs, P):
+    return [(specs, Everything())]
+  if not isinstance(specs, dict):
+    raise TypeError(f'{argname} must be a PartitionSpec, a {{State: spec}} or a '
+                    f'{{filter: spec}} dict, got {type(specs).__name__}.')
+  out = []
+  for selector, spec in specs.items():
+    if not isinstance(spec, P):
+      raise TypeError(f'{argname}: the spec for {selector!r} must be a PartitionSpec, '
+                      f'got {spec!r}.')
+    out.append((spec, to_predicate(selector)))
+  return out
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, P)
+
+
+class StatefulShardMap(StatefulMapping):
+  """`jax.shard_map` that also carries the `State`s the function reads and writes.
+
+  The body sees per-device blocks, as under `jax.shard_map`. States are laid out by
+  `state_in_specs`/`state_out_specs`; a state they do not cover is replicated when read, and a
+  rewritten state keeps the spec it was read with.
+  """
+
+  def __init__(self, fun: Callable, mesh: Mesh, in_specs: Any, out_specs: Any,
+               state_in_specs: Any = None, state_out_specs: Any = None,
+               static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+               donate_states: bool = False):
+    if not isinstance(mesh, Mesh):
+      raise TypeError(f'shard_map needs a jax.sharding.Mesh, got {type(mesh).__name__}.')
+    super().__init__(fun, in_axes=in_specs, out_axes=out_specs, mapping_fn=SpecMapper(mesh),
+                     axis_name=tuple(mesh.axis_names), static_argnums=static_argnums,
+                     donate_argnums=donate_argnums, donate_states=donate_states)
+    self.mesh = mesh
+    self.in_specs, self.out_specs = in_specs, out_specs
+    self.state_in_specs = _state_specs(state_in_specs, 'state_in_specs')
+    self.state_out_specs = _state_specs(state_out_specs, 'state_out_specs')
+
+  def _specs(self, prefix: Any, tree: Any, argname: str, what: str) -> list[P]:
+    try:
+      full = jax.tree.broadcast(prefix, tree, is_leaf=_is_spec)
+    except ValueError as err:
+      raise ValueError(f'{argname}={prefix!r} is not a prefix of the {what} structure '
+                       f'{jax.tree.structure(tree)}: {err}') from None
+    specs = jax.tree.leaves(full, is_leaf=_is_spec)
+    return [P() if s is None else s for s in specs]
+
+  def _layout_args(self, treedef, leaves, args, kwargs, paths) -> Layout:
+    if kwargs:
+      raise TypeError(f'shard_map takes positional arguments only; got keyword arguments '
+                      f'{sorted(kwargs)}.')
+    in_specs = self.in_specs
+    prefix = (tuple(in_specs) if isinstance(in_specs, list) else in_specs, {})
+    return Layout(self._name, None, treedef, len(leaves), (), [],
+                  slot_axes=self._specs(prefix, (args, kwargs), 'in_specs', 'argument'))
+
+  def _layout_state_in(self, state: State, paths: dict, fed: dict) -> P:
+    return self._first(self.state_in_specs, state, paths) or P()
+
+  def _view(self, state, base, layout, paths, fed):
+    if isinstance(state, RandomState):
+      return lane_key(base, layout.name)[1]
+    spec = self._layout_state_in(state, paths, fed)
+    return jax.tree.map(functools.partial(self._block, spec=spec, state=state, paths=paths),
+                        placeholder(base))
+
+  def _block(self, x: Any, spec: P, state: State, paths: dict) -> Any:
+    """Device 0's block of a global value laid out by `spec`, typed as varying like it."""
+    shape = jax.numpy.shape(x)
+    if len(spec) > len(shape):
+      raise ValueError(f'state_in_specs for {self._describe(state, paths)}: spec {spec} has '
+                       f'{len(spec)} entries for a value of rank {len(shape)}.')
+    for dim, entry in enumerate(spec):
+      if entry is None:
+        continue
+      k = math.prod(self.mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,)))
+      if shape[dim] % k:
+        raise ValueError(f'state_in_specs for {self._describe(state, paths)}: dimension {dim} '
+                         f'has size {shape[dim]}, not divisible by the {k} devices of mesh '
+                         f'axes {entry!r}.')
+      x = lax.slice_in_dim(x, 0, shape[dim] // k, axis=dim)
+    axes = _spec_axes(spec)
+    return vary(x, axes) if axes else x
+
+  def _layout_outputs(self, disc, layout):
+    out_avals = disc.out_tree.unflatten(disc.out_avals)
+    specs = self._specs(self.out_specs, out_avals, 'out_specs', 'output')
+    flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
+    for (path, _), spec, vma in zip(flat, specs, disc.out_vma):
+      missing = vma - set(_spec_axes(spec))
+      if missing:
+        raise ValueError(f'out_specs gives output{jax.tree_util.keystr(path)} the spec {spec}, '
+                         f'but its value differs across mesh axes {sorted(missing)}; name them '
+                         f'in the spec or reduce over them (e.g. jax.lax.psum).')
+    return specs
+
+  def _layout_state_out(self, state, disc, in_spec, paths):
+    spec = self._first(self.state_out_specs, state, paths) or in_spec or P()
+    missing = disc.write_vma[state] - set(_spec_axes(spec))
+    if missing:
+      raise ValueError(f'{self._describe(state, paths)} is written with a value that differs '
+                       f'across mesh axes {sorted(missing)}, but its out spec is {spec}; give it '
+                       f'a spec naming them in state_out_specs, or reduce over them.')
+    return spec
+
+
+def shard_map(fun: Callable | None = None, *, mesh: Mesh, in_specs: Any, out_specs: Any,
+              state_in_specs: Any = None, state_out_specs: Any = None,
+              static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+              donate_states: bool = False) -> StatefulShardMap | Callable:
+  """`jax.shard_map` under `jax.jit` that reads and writes `State`s with explicit specs.
+
+  `state_in_specs`/`state_out_specs` are one `PartitionSpec` for every state, a
+  `{State: spec}` dict or a `{filter: spec}` dict; uncovered states are replicated when read
+  and keep their spec when rewritten. Random states get a distinct key per device.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, meshstate
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()), ('i',))
+    >>> n = len(jax.devices())
+    >>> w = meshstate.ParamState(jnp.zeros((n, 2)))
+    >>> @meshstate.transform.shard_map(mesh=mesh, in_specs=P('i'), out_specs=P('i'),
+    ...                                state_in_specs={w: P('i')})
+    ... def step(x):
+    ...   w.value = w.value + x
+    ...   return x * 2
+    >>> step(jnp.ones((n, 2))).shape == (n, 2), w.spec
+    (True, PartitionSpec('i',))
+  """
+  kwargs = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, state_in_specs=state_in_specs,
+                state_out_specs=state_out_specs, static_argnums=static_argnums,
+                donate_argnums=donate_argnums, donate_states=donate_states)
+  if fun is None:
+    return functools.partial(shard_map, **kwargs)
+  return StatefulShardMap(fun, **kwargs)
