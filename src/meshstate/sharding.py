@@ -1,1 +1,210 @@
-"""Inspection of how states are laid out on a mesh."""
+"""See how states are laid out on a mesh: `describe` tables and `explain` for mapped calls."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from meshstate._state import State
+
+__all__ = ['describe', 'StateTable', 'Explanation', 'format_spec']
+
+COLUMNS = ('path', 'type', 'shape', 'dtype', 'spec', 'mesh_axes', 'shard_shape',
+           'bytes_per_device', 'replicated')
+
+
+def format_spec(spec: Any) -> str:
+  """`P('data', None)` style text for a `PartitionSpec` (or '-' for None)."""
+  if spec is None:
+    return '-'
+  return 'P(' + ', '.join(repr(e) for e in spec) + ')'
+
+
+def _entry_axes(entry: Any) -> tuple:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _row(path: str, state: State, check_values: bool) -> dict:
+  value = state._value
+  sharding = getattr(value, 'sharding', None)
+  shape = tuple(np.shape(value))
+  dtype = getattr(value, 'dtype', None) or np.result_type(value)
+  row = {'path': path, 'type': type(state).__name__, 'shape': shape, 'dtype': str(dtype)}
+  if isinstance(sharding, NamedSharding):
+    spec = sharding.spec
+    row['spec'] = format_spec(spec)
+    row['mesh_axes'] = {d: _entry_axes(e) for d, e in enumerate(spec) if e is not None}
+  else:
+    row['spec'] = 'single device' if sharding is not None else '-'
+    row['mesh_axes'] = {}
+  if sharding is not None:
+    row['shard_shape'] = tuple(sharding.shard_shape(shape))
+    per_device: dict[Any, int] = {}
+    for shard in value.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + math.prod(
+          _index_shape(shard.index, shape)) * np.dtype(dtype).itemsize
+    row['bytes_per_device'] = max(per_device.values())
+    row['replicated'] = bool(sharding.is_fully_replicated)
+  else:
+    row['shard_shape'] = shape
+    row['bytes_per_device'] = math.prod(shape) * np.dtype(dtype).itemsize
+    row['replicated'] = True
+  if check_values:
+    row['note'] = _same_on_every_shard(value, row['mesh_axes'])
+  return row
+
+
+def _index_shape(index: tuple, shape: tuple) -> tuple:
+  return tuple(len(range(*i.indices(n))) if isinstance(i, slice) else 1
+               for i, n in zip(index + (slice(None),) * (len(shape) - len(index)), shape))
+
+
+def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
+  # Old pmap code stacks a copy per device; flag dimensions whose slices are all equal.
+  if not mesh_axes:
+    return ''
+  host = np.asarray(value)
+  same = [d for d in mesh_axes if host.shape[d] > 1 and
+          all(np.array_equal(np.take(host, 0, axis=d), np.take(host, i, axis=d))
+              for i in range(1, host.shape[d]))]
+  if not same:
+    return ''
+  return (f'same value on every slice of dim {", ".join(map(str, same))}: stored stacked per '
+          f'device, could be replicated')
+
+
+def _named_states(obj: Any) -> list[tuple[str, State]]:
+  from meshstate.nn import Module
+  from meshstate.transform import StatefulMapping
+  if isinstance(obj, State):
+    return [('', obj)]
+  if isinstance(obj, Module):
+    return [('.'.join(map(str, p)), s) for p, s in obj.states().items()]
+  if isinstance(obj, StatefulMapping):
+    from meshstate.transform._engine import _module_of
+    module = _module_of(obj.origin_fun)
+    paths = module.state_paths() if module is not None else {}
+    return [('.'.join(map(str, paths[s])) if s in paths else f'<{type(s).__name__} {i}>', s)
+            for i, s in enumerate(obj.touched_states())]
+  if isinstance(obj, dict):
+    return [(str(k), s) for k, s in obj.items()]
+  if isinstance(obj, Iterable):
+    return [(str(i), s) for i, s in enumerate(obj)]
+  raise TypeError(f'describe takes a Module, a StatefulMapping, a dict or an iterable of '
+                  f'States, got {type(obj).__name__}.')
+
+
+@dataclasses.dataclass
+class StateTable:
+  """One row per state: `rows` is a list of plain dicts; `str()` aligns them for a terminal."""
+  rows: list[dict]
+
+  def __str__(self) -> str:
+    if not self.rows:
+      return '(no states)'
+    columns = [c for c in (*COLUMNS, 'note') if c in self.rows[0]]
+    cells = [[_cell(row[c]) for c in columns] for row in self.rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda items: '  '.join(s.ljust(w) for s, w in zip(items, widths)).rstrip()  # noqa
+    return '\n'.join([line(columns), line('-' * w for w in widths), *map(line, cells)])
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
+def _cell(value: Any) -> str:
+  if isinstance(value, dict):
+    return ', '.join(f'{d}:{"+".join(a)}' for d, a in value.items()) or '-'
+  if isinstance(value, tuple):
+    return str(value).replace(' ', '')
+  return str(value)
+
+
+def describe(obj: Any, check_values: bool = False) -> StateTable:
+  """Tabulate how each state of `obj` is laid out: spec, mesh axes, shard shape, bytes.
+
+  `obj` is a Module, a StatefulMapping (the states it touched), a dict of states or an
+  iterable of states. With `check_values=True`, a `note` column flags states that are sharded
+  but hold the same value on every shard (stacked copies that could be replicated).
+
+  Example:
+    >>> import jax.numpy as jnp, meshstate
+    >>> table = meshstate.sharding.describe({'w': meshstate.ParamState(jnp.zeros((2, 3)))})
+    >>> table.rows[0]['shape'], table.rows[0]['bytes_per_device']
+    ((2, 3), 24)
+  """
+  return StateTable([_row(path, state, check_values) for path, state in _named_states(obj)])
+
+
+@dataclasses.dataclass
+class Explanation:
+  """What a mapped call hands to `jax.shard_map`, and the equivalent hand-written program.
+
+  `str()` is the text; `code` is the hand-written program, which runs with
+  `exec(code, namespace)` and leaves its result in `namespace['result']`.
+  """
+  text: str
+  code: str
+  namespace: dict
+  mesh: Any
+  in_specs: tuple
+  out_specs: tuple
+
+  def __str__(self) -> str:
+    return self.text
+
+  def run(self) -> Any:
+    """Execute `code` in (a copy of) `namespace` and return its `result`."""
+    namespace = dict(self.namespace)
+    exec(self.code, namespace)
+    return namespace['result']
+
+
+def explain_entry(mapping: Any, entry: Any, leaves: list, vals: list) -> Explanation:
+  """Build the `Explanation` of one cache entry of a `pmap2`/`shard_map` mapping."""
+  from meshstate.transform._engine import _arg_name
+  from meshstate.transform._mesh import _ShardMapMapper
+  mapper = mapping._mapper
+  if not isinstance(mapper, _ShardMapMapper):
+    raise TypeError(f'explain shows the shard_map program of pmap2 and shard_map; '
+                    f'{mapping.name} maps with {type(mapper).__name__}.')
+  layout = entry.layout
+  mesh, manual, in_specs, out_specs = mapper.mesh_and_specs(layout)
+  paths = mapping._paths()
+  state_name = lambda s: (f'state {".".join(map(str, paths[s]))}' if s in paths  # noqa: E731
+                          else f'state <{type(s).__name__}>')
+  treedef_paths = jax.tree_util.tree_flatten_with_path(layout.treedef.unflatten(leaves))[0]
+  in_names = [_arg_name(p) for p, _ in treedef_paths]
+  in_names += [state_name(s) for s in entry.in_states]
+  out_names = [f'out {i}' for i in range(entry.n_out)] + [state_name(s) for s in entry.out_states]
+  in_avals = [jax.tree.map(jax.typeof, v) for v in (*leaves, *vals)]
+  width = max(map(len, in_names + out_names)) + 2
+  lines = [f'mesh: {dict(mesh.shape)} (axis types {tuple(t.name for t in mesh.axis_types)}), '
+           f'manual axes: {sorted(manual)}', 'in_specs (arguments, then states read):']
+  lines += [f'  {n.ljust(width)}{format_spec(s).ljust(24)}{a}'
+            for n, s, a in zip(in_names, in_specs, in_avals)]
+  lines.append('out_specs (outputs, then states written):')
+  lines += [f'  {n.ljust(width)}{format_spec(s)}' for n, s in zip(out_names, out_specs)]
+  fmt = lambda specs: '(' + ''.join(format_spec(s) + ', ' for s in specs) + ')'  # noqa: E731
+  code = '\n'.join([
+      'program = jax.jit(jax.shard_map(',
+      '    block_fn, mesh=mesh,',
+      f'    in_specs={fmt(in_specs)},',
+      f'    out_specs={fmt(out_specs)},',
+      f'    axis_names={set(manual)!r}, check_vma=True))',
+      'outs = program(*arg_leaves, *[s.value for s in states_read])',
+      'for s, v in zip(states_written, outs[n_out:]):',
+      '  s.value = v',
+      'result = out_tree.unflatten(outs[:n_out])',
+  ])
+  lines += ['equivalent hand-written program (block_fn: the function on per-device blocks):',
+            *('  ' + c for c in code.splitlines())]
+  namespace = {'jax': jax, 'P': jax.sharding.PartitionSpec, 'mesh': mesh,
+               'block_fn': mapper.block_fn(layout.program, layout), 'arg_leaves': list(leaves),
+               'states_read': list(entry.in_states), 'states_written': list(entry.out_states),
+               'n_out': entry.n_out, 'out_tree': entry.out_tree}
+  return Explanation('\n'.join(lines), code, namespace, mesh, in_specs, out_specs)

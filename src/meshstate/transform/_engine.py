@@ -53,6 +53,7 @@ class Layout:
   out_shardings: list = dataclasses.field(default_factory=list)
   in_states: list = dataclasses.field(default_factory=list)
   out_states: list = dataclasses.field(default_factory=list)
+  program: Callable | None = None   # the pure function of lane slots that gets mapped
 
 
 class _Entry:
@@ -410,7 +411,7 @@ class StatefulMapping:
     vals = [s.value for s in in_states] if frames() else [s._value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
-    program = self._program(body, random_in, layout)
+    program = layout.program = self._program(body, random_in, layout)
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
     fn = mapper.build(program, layout, donate)
     entry = _Entry(layout, tuple(map(self._sig, vals)), vals, fn)
@@ -480,6 +481,37 @@ class StatefulMapping:
     return tuple(slots)
 
   # -- introspection ---------------------------------------------------------------------------
+
+  def explain(self, *args, **kwargs):
+    """The mesh, the in/out specs and the hand-written `jax.shard_map` program for these args.
+
+    Traces (without running) when the signature is new; returns a
+    `meshstate.sharding.Explanation` whose `str()` is the text and whose `run()` executes the
+    hand-written program.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, meshstate
+      >>> f = meshstate.transform.pmap2(lambda x: x * 2, axis_name='i')
+      >>> print(str(f.explain(jnp.ones(2))).splitlines()[1])
+      in_specs (arguments, then states read):
+    """
+    from meshstate.sharding import explain_entry
+    entry, leaves, vals, _ = self._entry(args, kwargs)
+    return explain_entry(self, entry, leaves, vals)
+
+  def lower(self, *args, **kwargs):
+    """JAX's `Lowered` program for these arguments (read its HLO with `.as_text()`).
+
+    Example:
+      >>> import jax.numpy as jnp, meshstate
+      >>> f = meshstate.transform.pmap2(lambda x: x * 2, axis_name='i')
+      >>> 'sharding' in f.lower(jnp.ones(2)).as_text()
+      True
+    """
+    entry, leaves, vals, _ = self._entry(args, kwargs)
+    if not hasattr(entry.fn, 'lower'):
+      raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')
+    return entry.fn.lower(*leaves, *vals)
 
   def touched_states(self) -> list[State]:
     """The states this mapping has read or written so far, first touch first."""
