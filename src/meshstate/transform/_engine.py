@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, frames
+from meshstate._state import Frame, State, StateTraceError, frames
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -58,12 +58,23 @@ class Layout:
 
 class _Entry:
   """One traced program: the states it carries and the callable that runs it."""
-  __slots__ = ('in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn', 'layout')
+  __slots__ = ('in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn', 'layout',
+               'stable')
 
   def __init__(self, layout, sig, last, fn):
     self.in_states, self.out_states = layout.in_states, layout.out_states
     self.n_out, self.out_tree = layout.n_out, layout.out_tree
     self.sig, self.last, self.fn, self.layout = sig, last, fn, layout
+    self.stable = None  # whether a call leaves the states with the signature it was traced for
+
+
+_STALE = object()  # in `entry.last`: never the current value, forces a signature check
+
+
+def _shape(value: Any) -> tuple:
+  """Shape of a state's value (of its first leaf when it is a pytree)."""
+  leaves = jax.tree.leaves(value)
+  return tuple(getattr(leaves[0], 'shape', ())) if leaves else ()
 
 
 def _module_of(fun: Any) -> Module | None:
@@ -97,6 +108,7 @@ class StatefulMapping:
     >>> f(jnp.arange(3.)).tolist(), float(count.value)
     ([0.0, 2.0, 4.0], 3.0)
   """
+  _sized = True   # the mapping has one size (pmap2/vmap2); shard_map's comes from its mesh
 
   def __init__(self, fun: Callable, in_axes: Any = 0, out_axes: Any = 0,
                state_in_axes: Any = None, state_out_axes: Any = None,
@@ -153,9 +165,17 @@ class StatefulMapping:
       for state, value in zip(entry.out_states, outs[n:]):
         state.value = value
     else:
+      if entry.out_states and any(isinstance(x, jax.core.Tracer) for x in leaves):
+        raise StateTraceError(
+            f'{self.name} was called with traced arguments outside a meshstate transform (for '
+            f'example under a raw jax.jit), so the states it writes would receive tracers. '
+            f'Use meshstate.transform.jit instead of jax.jit around it.')
       for state, value in zip(entry.out_states, outs[n:]):
         state._value = value
-      entry.last = [s._value for s in entry.in_states]
+      last = [s._value for s in entry.in_states]
+      if entry.stable is None:   # once per entry: do writes keep the traced signature?
+        entry.stable = tuple(map(self._sig, last)) == entry.sig
+      entry.last = last if entry.stable else [_STALE] * len(last)
     return entry.out_tree.unflatten(outs[:n])
 
   def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list, bool]:
@@ -252,21 +272,31 @@ class StatefulMapping:
     axes = _axes.leaf_axes((per_arg, 0), (args, kwargs), 'in_axes', 'argument')
     flat = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
     sources = [(_arg_name(p), jnp.shape(x)[a]) for (p, x), a in zip(flat, axes) if a is not None]
-    if sources or self.axis_size is not None:
-      size = _axes.mapped_size(sources, self.axis_size)
-    else:
-      size = self._size_from_states(paths)
+    size = (_axes.mapped_size(sources, self.axis_size)
+            if sources or self.axis_size is not None else None)
     return Layout(self._name, size, treedef, len(leaves), per_arg, sources, self.out_axes,
                   slot_axes=list(axes))
 
-  def _size_from_states(self, paths: dict) -> int:
-    sources = []
-    for state, path in paths.items():
+  def _size_from_states(self, leaves: list, layout: Layout, body: Callable, paths: dict) -> int:
+    """With no mapped argument: the size along the axis of the first declared state read."""
+    class Found(Exception):
+      pass
+
+    def view(state, base):
       axis = self._first(self.state_in_axes, state, paths)
-      shape = jnp.shape(state._value)
-      if axis is not None and -len(shape) <= axis < len(shape):
-        sources.append((f'state {path}', shape[axis]))
-    return _axes.mapped_size(sources, self.axis_size)
+      shape = _shape(base)
+      if axis is not None and not isinstance(state, RandomState):
+        what = f'state_in_axes for {self._describe(state, paths)}'
+        raise Found((what, shape[_axes.check_axis(axis, len(shape), what, shape)]))
+      return placeholder(base)
+
+    try:
+      discover(lambda probe: jax.eval_shape(probe, *leaves), body, view, None)
+    except Found as found:
+      layout.sources = [found.args[0]]
+      return _axes.mapped_size(layout.sources, self.axis_size)
+    raise ValueError(f'{self.name}: cannot infer the mapped size: no argument is mapped and no '
+                     f'state read is declared in state_in_axes; pass axis_size=.')
 
   def _layout_state_in(self, state: State, paths: dict, fed: dict) -> int | None:
     if state in fed:
@@ -283,13 +313,14 @@ class StatefulMapping:
     axis = self._layout_state_in(state, paths, fed)
     if axis is None:
       return placeholder(base)
-    shape = jnp.shape(base)
     what = f'state_in_axes for {self._describe(state, paths)}'
-    axis = _axes.check_axis(axis, len(shape), what, shape)
-    if shape[axis] != layout.size:
-      where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
-      raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size is '
-                       f'{layout.size} (from {where}).')
+    for leaf in jax.tree.leaves(base):
+      shape = jnp.shape(leaf)
+      axis = _axes.check_axis(axis, len(shape), what, shape)
+      if shape[axis] != layout.size:
+        where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
+        raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size '
+                         f'is {layout.size} (from {where}).')
     return vary(lane_slice(placeholder(base), axis), layout.name)
 
   def _layout_outputs(self, disc, layout: Layout) -> list:
@@ -336,7 +367,7 @@ class StatefulMapping:
           and not isinstance(s, RandomState)
           and self._first(self.state_out_axes, s, paths) is None
           and self._first(self.state_in_axes, s, paths) is None):
-        shape = jnp.shape(s._value)
+        shape = _shape(s._value)
         if shape and shape[0] == layout.size:
           more[s] = 0
     return more
@@ -351,7 +382,8 @@ class StatefulMapping:
   def _describe(state: State, paths: dict) -> str:
     path = paths.get(state)
     where = f' at path {path}' if path else ''
-    return f'{type(state).__name__}{where} (shape {jnp.shape(state._value)})'
+    shapes = jax.tree.map(lambda x: tuple(getattr(x, 'shape', ())), state._value)
+    return f'{type(state).__name__}{where} (shape {shapes})'
 
   @staticmethod
   def _first(table: dict | list, state: State, paths: dict) -> Any:
@@ -373,6 +405,8 @@ class StatefulMapping:
       a, kw = self._with_static(a, kw, static)
       return fun(*a, **kw)
 
+    if mapper.mapped and layout.size is None and self._sized:
+      layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     view = None
     if mapper.mapped:
@@ -408,7 +442,7 @@ class StatefulMapping:
     layout.out_slot_axes = list(out_axes) + state_out
     layout.in_states, layout.out_states = in_states, out_states
 
-    vals = [s.value for s in in_states] if frames() else [s._value for s in in_states]
+    vals = self._placed(in_states, layout) if not frames() else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = layout.program = self._program(body, random_in, layout)
@@ -420,10 +454,33 @@ class StatefulMapping:
     self._last_entry = entry
     return entry, vals
 
+  def _placed(self, states: list[State], layout: Layout) -> list:
+    """The states' values, first moved (once) to where the program reads them.
+
+    A state that arrives laid out as the program wants is passed without a copy on every call;
+    without this, a state that is only read would be copied to the mesh on every call.
+    """
+    vals = [s._value for s in states]
+    shardings = self._mapper.slot_shardings(layout)
+    if not shardings:
+      return vals
+    for i, (state, sharding) in enumerate(zip(states, shardings[layout.n_leaves:])):
+      value = vals[i]
+      if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(value)):
+        continue
+      current = [x.sharding for x in jax.tree.leaves(value)]
+      if self._mapper.keeps_layout and all(
+          isinstance(c, jax.sharding.NamedSharding) and c.mesh == sharding.mesh for c in current):
+        continue   # already on this mesh: its layout over the other axes is kept
+      if any(not c.is_equivalent_to(sharding, x.ndim) for c, x in
+             zip(current, jax.tree.leaves(value))):
+        vals[i] = state._value = jax.device_put(value, sharding)
+    return vals
+
   def _check_state_in(self, state: State, axis: Any, paths: dict) -> Any:
     if axis is None or not isinstance(axis, int):
       return axis
-    shape = jnp.shape(state._value)
+    shape = _shape(state._value)
     return _axes.check_axis(axis, len(shape), f'state_in_axes for {self._describe(state, paths)}',
                             shape)
 
@@ -523,7 +580,7 @@ class StatefulMapping:
 
 
 def _lane_shape(value: Any, axis: Any) -> tuple | None:
-  shape = tuple(jnp.shape(value))
+  shape = _shape(value)
   if isinstance(axis, int):
     return shape[:axis] + shape[axis + 1:]
   return shape

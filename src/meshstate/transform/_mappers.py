@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain']
+__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'vmap_trace']
 
 
 def _pin(value: Any, sharding: Any) -> Any:
@@ -36,6 +36,10 @@ class Mapper:
   mapped = True        # False for plain jit: no axis, nothing varies, random keys are not split
   keeps_layout = False  # True when written states are pinned to the layout they came in with
 
+  def slot_shardings(self, layout: Any) -> list | None:
+    """Where the program wants each input slot; states are placed there once."""
+    return None
+
   def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> None:
     raise NotImplementedError
 
@@ -43,18 +47,24 @@ class Mapper:
     raise NotImplementedError
 
 
+def _vmap(fn: Callable, layout: Any, out_axes: Any) -> Callable:
+  return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=out_axes,
+                  axis_name=layout.name, axis_size=layout.size)
+
+
+def vmap_trace(probe: Callable, slots: Sequence[Any], layout: Any) -> None:
+  """Discovery under `jax.vmap`: written values' batching says whether they vary."""
+  jax.eval_shape(_vmap(probe, layout, None), *slots)
+
+
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`)."""
 
-  def _vmap(self, fn, layout, out_axes):
-    return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=out_axes,
-                    axis_name=layout.name, axis_size=layout.size)
-
   def trace(self, probe, slots, layout):
-    jax.eval_shape(self._vmap(probe, layout, None), *slots)
+    vmap_trace(probe, slots, layout)
 
   def build(self, body, layout, donate):
-    return jax.jit(self._vmap(body, layout, tuple(layout.out_slot_axes)), donate_argnums=donate)
+    return jax.jit(_vmap(body, layout, tuple(layout.out_slot_axes)), donate_argnums=donate)
 
 
 class JitMapper(Mapper):

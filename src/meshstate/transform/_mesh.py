@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate.transform._axes import spec_at
-from meshstate.transform._mappers import Mapper, constrain
+from meshstate.transform._mappers import Mapper, constrain, vmap_trace
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh']
 
@@ -95,6 +95,7 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Mesh) -> Any:
 
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
+  check_vma = True
 
   def mesh_and_specs(self, layout) -> tuple[Mesh, frozenset, tuple, tuple]:
     """`(mesh, manual axes, in_specs, out_specs)` for `layout`."""
@@ -116,7 +117,7 @@ class _ShardMapMapper(Mapper):
     mapped = jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
                            in_specs=in_specs,
                            out_specs=outs if out_specs is None else out_specs,
-                           axis_names=manual, check_vma=True)
+                           axis_names=manual, check_vma=self.check_vma)
     if nested or AxisType.Explicit not in tuple(mesh.axis_types):
       return mapped
 
@@ -150,6 +151,43 @@ class MeshMapper(_ShardMapMapper):
     self.keeps_layout = mesh is not None
     self._inner: dict[str, int] = {}   # axes that nested pmap2 calls asked for
 
+  def lanes_per_device(self, layout) -> int:
+    """How many lanes each device runs: 1, or size / devices when there are more lanes."""
+    if self.user_mesh is not None or self.devices is not None or self._inner or \
+        current_mesh() is not None:
+      return 1
+    count = len(jax.local_devices(backend=self.backend))
+    size = layout.size
+    return size // count if size > count and size % count == 0 else 1
+
+  def trace(self, probe, slots, layout):
+    if self.lanes_per_device(layout) > 1 or not self.check_vma:
+      return vmap_trace(probe, slots, layout)
+    try:
+      return super().trace(probe, slots, layout)
+    except AssertionError:
+      # JAX's shard_map(check_vma=True) fails an internal assertion on a collective over a
+      # vmap axis (a vmap2 inside this pmap2). Retry under vmap's batching, and run unchecked;
+      # a genuine assertion in the user's code fails the same way again and propagates.
+      vmap_trace(probe, slots, layout)
+      self.check_vma = False
+
+  def build(self, body, layout, donate):
+    if self.lanes_per_device(layout) == 1:
+      return super().build(body, layout, donate)
+    # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
+    mesh = self.mesh(layout.size, layout.name)
+    ins = [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.slot_axes]
+    outs = [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes]
+    mapped = jax.vmap(body, in_axes=tuple(layout.slot_axes), out_axes=tuple(layout.out_slot_axes),
+                      axis_name=layout.name, axis_size=layout.size, spmd_axis_name=layout.name)
+    return jax.jit(lambda *slots: constrain(mapped(*constrain(slots, ins)), outs),
+                   donate_argnums=donate)
+
+  def slot_shardings(self, layout) -> list:
+    mesh = self.mesh(layout.size, layout.name)
+    return [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.slot_axes]
+
   def add_axis(self, need: NeedAxis) -> None:
     if need.name in self._inner:
       raise ValueError(f'Nested pmap2 calls disagree on the size of axis {need.name!r}: '
@@ -179,10 +217,13 @@ class MeshMapper(_ShardMapMapper):
                          f'axis has size {size}; they must be equal.')
     else:
       devices = tuple(jax.local_devices(backend=self.backend))
+      if need > len(devices) and not self._inner and need % len(devices) == 0:
+        return mesh_1d(devices, (name,), (len(devices),))   # several lanes per device
       if need > len(devices):
         raise ValueError(f'The mapped axis has size {size}{self._inner_text()}, which needs '
                          f'{need} devices, but only {len(devices)} are available; pass at most '
-                         f'{len(devices)} lanes to pmap2 (or use vmap2).')
+                         f'{len(devices)} lanes, or a multiple of {len(devices)} (each device '
+                         f'then runs several), or use vmap2.')
       devices = devices[:need]
     return mesh_1d(devices, (name, *self._inner), shape)
 
@@ -220,6 +261,10 @@ class SpecMapper(_ShardMapMapper):
 
   def __init__(self, mesh: Mesh):
     self.user_mesh = mesh
+
+  def slot_shardings(self, layout) -> list:
+    mesh, _, specs, _ = self.mesh_and_specs(layout)
+    return [NamedSharding(mesh, s) for s in specs]
 
   def mesh_and_specs(self, layout):
     mesh = self.user_mesh

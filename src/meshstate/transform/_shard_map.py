@@ -55,6 +55,7 @@ class StatefulShardMap(StatefulMapping):
   `state_in_specs`/`state_out_specs`; a state they do not cover is replicated when read, and a
   rewritten state keeps the spec it was read with.
   """
+  _sized = False
 
   def __init__(self, fun: Callable, mesh: Mesh, in_specs: Any, out_specs: Any,
                state_in_specs: Any = None, state_out_specs: Any = None,
