@@ -161,7 +161,7 @@ def shard_map(fun: Callable | None = None, *, mesh: Mesh, in_specs: Any, out_spe
     ...   w.value = w.value + x
     ...   return x * 2
     >>> step(jnp.ones((n, 2))).shape == (n, 2), w.spec
-    (True, PartitionSpec('i',))
+    (True, P('i',))
   """
   kwargs = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, state_in_specs=state_in_specs,
                 state_out_specs=state_out_specs, static_argnums=static_argnums,
