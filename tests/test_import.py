@@ -51,5 +51,9 @@ def test_demo_runs_on_simulated_cpu_devices():
   proc = subprocess.run([sys.executable, '-m', 'meshstate'], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.count('CpuDevice(') == 8, proc.stdout
-  assert 'ParamState(' in proc.stdout
+  out = proc.stdout
+  assert 'local device count: 8' in out, out
+  assert 'updated shape: (8, 4)' in out and 'weights after pairwise update' in out
+  header = [line for line in out.splitlines() if line.startswith('path ')]
+  assert header and all(c in header[0] for c in ('spec', 'mesh_axes', 'bytes_per_device'))
+  assert "weight  ParamState  (8,4)  float32  P('devices')" in out

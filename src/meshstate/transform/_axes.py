@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -98,6 +99,23 @@ def normalize_argnums(argnums: int | Sequence[int], argname: str) -> tuple[int, 
   if not all(isinstance(i, int) for i in out):
     raise TypeError(f'{argname} must be an int or a sequence of ints, got {argnums!r}.')
   return out
+
+
+def link_static(fun: Callable, argnums: tuple[int, ...],
+                argnames: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """Static positions and names that also cover the other spelling, as `jax.jit` does."""
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):
+    return argnums, argnames
+  kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
+  both = [p.name if p.kind in kinds else None for p in params
+          if p.kind in (*kinds, inspect.Parameter.POSITIONAL_ONLY)]
+  names = argnames + tuple(both[i] for i in argnums
+                           if -len(both) <= i < len(both) and both[i] is not None
+                           and both[i] not in argnames)
+  nums = argnums + tuple(i for i, n in enumerate(both) if n in argnames and i not in argnums)
+  return nums, names
 
 
 def split_static(args: tuple, static: tuple[int, ...]) -> tuple[tuple, tuple]:

@@ -8,6 +8,7 @@ hooks below.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import operator
@@ -69,12 +70,20 @@ class _Entry:
 
 
 _STALE = object()  # in `entry.last`: never the current value, forces a signature check
+_get_value = operator.attrgetter('_value')
+_set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 
 
 def _shape(value: Any) -> tuple:
   """Shape of a state's value (of its first leaf when it is a pytree)."""
   leaves = jax.tree.leaves(value)
   return tuple(getattr(leaves[0], 'shape', ())) if leaves else ()
+
+
+def _traced(outs: tuple) -> bool:
+  """Whether the program ran under an enclosing JAX trace (its results are tracers)."""
+  leaves = jax.tree.leaves(outs[0]) if outs else ()
+  return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)
 
 
 def _module_of(fun: Any) -> Module | None:
@@ -141,9 +150,9 @@ class StatefulMapping:
     else:
       self._mapper = CustomMapper(mapping_fn)
     self._name = axis_name if axis_name is not None else f'_meshstate_axis{next(_names)}'
-    self._static = _axes.normalize_argnums(static_argnums, 'static_argnums')
-    self._static_names = ((static_argnames,) if isinstance(static_argnames, str)
-                          else tuple(static_argnames))
+    self._static, self._static_names = _axes.link_static(
+        fun, _axes.normalize_argnums(static_argnums, 'static_argnums'),
+        (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames))
     self._donate = _axes.normalize_argnums(donate_argnums, 'donate_argnums')
     overlap = set(self._static) & set(self._donate)
     if overlap:
@@ -165,14 +174,13 @@ class StatefulMapping:
       for state, value in zip(entry.out_states, outs[n:]):
         state.value = value
     else:
-      if entry.out_states and any(isinstance(x, jax.core.Tracer) for x in leaves):
+      if entry.out_states and _traced(outs):
         raise StateTraceError(
             f'{self.name} was called with traced arguments outside a meshstate transform (for '
             f'example under a raw jax.jit), so the states it writes would receive tracers. '
             f'Use meshstate.transform.jit instead of jax.jit around it.')
-      for state, value in zip(entry.out_states, outs[n:]):
-        state._value = value
-      last = [s._value for s in entry.in_states]
+      collections.deque(map(_set_value, entry.out_states, outs[n:]), maxlen=0)
+      last = list(map(_get_value, entry.in_states))
       if entry.stable is None:   # once per entry: do writes keep the traced signature?
         entry.stable = tuple(map(self._sig, last)) == entry.sig
       entry.last = last if entry.stable else [_STALE] * len(last)
@@ -193,7 +201,7 @@ class StatefulMapping:
     if entries:
       entry = entries[-1]
       vals = ([s.value for s in entry.in_states] if nested
-              else [s._value for s in entry.in_states])
+              else list(map(_get_value, entry.in_states)))
       if all(map(operator.is_, vals, entry.last)):
         return entry, leaves, vals, nested
       entry = self._match(entries, vals)
@@ -474,7 +482,10 @@ class StatefulMapping:
         continue   # already on this mesh: its layout over the other axes is kept
       if any(not c.is_equivalent_to(sharding, x.ndim) for c, x in
              zip(current, jax.tree.leaves(value))):
-        vals[i] = state._value = jax.device_put(value, sharding)
+        placed = jax.device_put(value, sharding)
+        if not _traced((placed,)):   # under a raw jax.jit: pass it on, never store a tracer
+          state._value = placed
+        vals[i] = placed
     return vals
 
   def _check_state_in(self, state: State, axis: Any, paths: dict) -> Any:
