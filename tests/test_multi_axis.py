@@ -172,8 +172,6 @@ def test_nested_pmap2_with_a_written_state():
   close(total.value, x.sum())
 
 
-@pytest.mark.xfail(reason='bug: nested pmap2 cannot read-then-write a replicated state (context '
-                          'mesh (Manual, Manual) vs aval mesh (Manual, Auto))', strict=True)
 def test_nested_pmap2_read_modify_write_state():
   count = State(jnp.zeros(()))
 
@@ -201,8 +199,6 @@ def test_pmap2_accepts_input_sharded_on_explicit_mesh():
 
 # -- random draws on a multi-axis mesh ------------------------------------------------------------
 
-@pytest.mark.xfail(reason='bug: pmap2(mesh=<Explicit mesh>) fails to split a RandomState whose key '
-                          'already lives on that mesh', strict=True)
 def test_random_key_already_on_explicit_mesh():
   mesh = make('make_mesh')
   rs = RandomState(0)
@@ -249,9 +245,6 @@ def test_error_mesh_without_axis_name(mesh):
 
 # -- gradients inside pmap2 -----------------------------------------------------------------------
 
-@pytest.mark.xfail(reason='bug: jax.grad w.r.t. a broadcast state inside pmap2 returns the psum '
-                          'over devices, not the per-device gradient jax.pmap/vmap2 give',
-                   strict=True)
 def test_grad_of_broadcast_state_is_per_device():
   w = ParamState(jnp.float32(1.0))
   x = jnp.arange(N, dtype=jnp.float32)
@@ -260,8 +253,6 @@ def test_grad_of_broadcast_state_is_per_device():
   close(got, x)   # d(p * x_i)/dp on device i
 
 
-@pytest.mark.xfail(reason='bug: data-parallel jax.grad + pmean under pmap2(mesh=...) updates with '
-                          'the sum of the gradients (times the data-axis size)', strict=True)
 def test_data_parallel_jax_grad_step_on_mesh():
   mesh = make('Mesh')
   w0, x, y = rand(3, 8), rand(D, 4, 3), rand(D, 4, 8)

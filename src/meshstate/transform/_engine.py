@@ -24,7 +24,7 @@ from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
-from meshstate.transform._mesh import NeedAxis
+from meshstate.transform._mesh import NeedAxis, context_key
 from meshstate.transform._trace import discover, lane_key, lane_slice, placeholder, vary
 
 __all__ = ['StatefulMapping', 'Layout']
@@ -197,6 +197,8 @@ class StatefulMapping:
     except TypeError:
       raise self._bad_leaf(args, kwargs) from None
     nested = bool(frames())
+    if nested:   # traced inside another transform: the program depends on which one
+      key += (context_key(),)
     entries = self._cache.get(key)
     if entries:
       entry = entries[-1]

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate.transform._axes import spec_at
-from meshstate.transform._mappers import Mapper, constrain, vmap_trace
+from meshstate.transform._mappers import Mapper, VmapMapper, constrain, vmap_trace
 
-__all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh']
+__all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key']
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +34,8 @@ def mesh_1d(devices: tuple, names: tuple, shape: tuple) -> Mesh:
 
 class _Context(threading.local):
   def __init__(self):
-    self.meshes: list[Mesh] = []
+    # (mesh, discovering) of each enclosing pmap2/shard_map body being traced, innermost last.
+    self.stack: list[tuple[Mesh, bool]] = []
 
 
 _context = _Context()
@@ -42,16 +43,25 @@ _context = _Context()
 
 def current_mesh() -> Mesh | None:
   """The mesh of the innermost meshstate `shard_map` body being traced, if any."""
-  return _context.meshes[-1] if _context.meshes else None
+  return _context.stack[-1][0] if _context.stack else None
+
+
+def context_key() -> tuple | None:
+  """Identifies the enclosing body a nested call is traced in (programs differ per context)."""
+  return (id(_context.stack[-1][0]), _context.stack[-1][1]) if _context.stack else None
+
+
+def _discovering() -> bool:
+  return bool(_context.stack) and _context.stack[-1][1]
 
 
 @contextlib.contextmanager
-def _inside(mesh: Mesh):
-  _context.meshes.append(mesh)
+def _inside(mesh: Mesh, discovering: bool = False):
+  _context.stack.append((mesh, discovering))
   try:
     yield
   finally:
-    _context.meshes.pop()
+    _context.stack.pop()
 
 
 class NeedAxis(Exception):
@@ -113,7 +123,7 @@ class _ShardMapMapper(Mapper):
       with _inside(mesh):
         return block(*slots)
     # Inside an enclosing meshstate shard_map, JAX wants the context's (partly manual) mesh.
-    nested = bool(_context.meshes) and _context.meshes[-1] is mesh
+    nested = current_mesh() is mesh
     mapped = jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
                            in_specs=in_specs,
                            out_specs=outs if out_specs is None else out_specs,
@@ -139,7 +149,14 @@ class _ShardMapMapper(Mapper):
 
 
 class MeshMapper(_ShardMapMapper):
-  """`jax.shard_map` over one mesh axis under one `jax.jit` (the engine of `pmap2`)."""
+  """`jax.shard_map` over one mesh axis under one `jax.jit` (the engine of `pmap2`).
+
+  It keeps `jax.pmap`'s semantics, which are those of `shard_map(check_vma=False)`: an unmapped
+  value is a per-device copy, so `jax.grad` with respect to it is per device (not summed over
+  devices, as under `check_vma=True`). Whether a written value differs across devices is read
+  from `jax.vmap`'s batching of the same function, the typing that shares those semantics.
+  """
+  check_vma = False
 
   def __init__(self, devices: Sequence[Any] | None = None, backend: str | None = None,
                mesh: Mesh | None = None):
@@ -161,18 +178,14 @@ class MeshMapper(_ShardMapMapper):
     return size // count if size > count and size % count == 0 else 1
 
   def trace(self, probe, slots, layout):
-    if self.lanes_per_device(layout) > 1 or not self.check_vma:
-      return vmap_trace(probe, slots, layout)
-    try:
-      return super().trace(probe, slots, layout)
-    except AssertionError:
-      # JAX's shard_map(check_vma=True) fails an internal assertion on a collective over a
-      # vmap axis (a vmap2 inside this pmap2). Retry under vmap's batching, and run unchecked;
-      # a genuine assertion in the user's code fails the same way again and propagates.
+    # A pmap2 called in the body finds this mesh in the context and asks for its axis.
+    with _inside(self.mesh(layout.size, layout.name), discovering=True):
       vmap_trace(probe, slots, layout)
-      self.check_vma = False
 
   def build(self, body, layout, donate):
+    if _discovering():   # nested in a pmap2's discovery, which runs under vmap: so do we
+      self.mesh(layout.size, layout.name)   # (and claim our axis of the enclosing mesh)
+      return VmapMapper().build(body, layout, donate)
     if self.lanes_per_device(layout) == 1:
       return super().build(body, layout, donate)
     # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
