@@ -310,8 +310,6 @@ def test_error_bad_state_spec_types(auto_mesh):
               state_in_specs={s: 'model'})
 
 
-@pytest.mark.xfail(reason='bug: shard_map(static_argnums=...) fails inside jax.shard_map for every '
-                          'in_specs (the static position still gets a spec slot)', strict=True)
 def test_static_argnums(auto_mesh):
   f = shard_map(lambda x, n: x * n, mesh=auto_mesh, in_specs=(P('data'), None),
                 out_specs=P('data'), static_argnums=(1,))

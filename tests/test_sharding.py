@@ -375,8 +375,6 @@ def test_explain_of_vmap2_is_a_type_error():
 
 # -- states whose value is not a plain array ----------------------------------------------------
 
-@pytest.mark.xfail(reason='bug: describe crashes (ValueError "entry not a 2- or 3- tuple") on a '
-                          'state whose value is a pytree', strict=True)
 def test_describe_state_with_pytree_value():
   s = State({'a': jnp.ones(3), 'b': jnp.zeros((2, 2))})
   rows = describe({'tree': s}).rows
@@ -384,8 +382,6 @@ def test_describe_state_with_pytree_value():
   assert 'tree' in str(describe({'tree': s}))
 
 
-@pytest.mark.xfail(reason="bug: describe crashes (TypeError: Cannot interpret 'key<fry>' as a data "
-                          'type) on a RandomState holding a typed key', strict=True)
 def test_describe_random_state_with_typed_key():
   from meshstate.random import RandomState
   rs = RandomState(jax.random.key(0))

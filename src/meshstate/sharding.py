@@ -28,12 +28,34 @@ def _entry_axes(entry: Any) -> tuple:
   return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
-def _row(path: str, state: State, check_values: bool) -> dict:
-  value = state._value
+def _state_row(path: str, state: State, check_values: bool) -> dict:
+  """The row of one state; a pytree value gets per-array cells in its own structure."""
+  leaves, treedef = jax.tree.flatten(state._value)
+  rows = [_row(path, type(state).__name__, leaf, check_values) for leaf in leaves]
+  if len(rows) == 1 and treedef.num_nodes == 1:
+    return rows[0]
+  merged = {'path': path, 'type': type(state).__name__}
+  for column in COLUMNS[2:] + (('note',) if check_values else ()):
+    cells = [r[column] for r in rows]
+    if column == 'bytes_per_device':
+      merged[column] = sum(cells)
+    elif column == 'replicated':
+      merged[column] = all(cells)
+    else:
+      merged[column] = treedef.unflatten(cells)
+  return merged
+
+
+def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
+  dtype = getattr(value, 'dtype', None) or np.result_type(value)
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(value)   # typed keys: measure the key data they hold
+    itemsize = data.dtype.itemsize * math.prod(data.shape[np.ndim(value):])
+  else:
+    itemsize = np.dtype(dtype).itemsize
   sharding = getattr(value, 'sharding', None)
   shape = tuple(np.shape(value))
-  dtype = getattr(value, 'dtype', None) or np.result_type(value)
-  row = {'path': path, 'type': type(state).__name__, 'shape': shape, 'dtype': str(dtype)}
+  row = {'path': path, 'type': type_name, 'shape': shape, 'dtype': str(dtype)}
   if isinstance(sharding, NamedSharding):
     spec = sharding.spec
     row['spec'] = format_spec(spec)
@@ -46,12 +68,12 @@ def _row(path: str, state: State, check_values: bool) -> dict:
     per_device: dict[Any, int] = {}
     for shard in value.addressable_shards:
       per_device[shard.device] = per_device.get(shard.device, 0) + math.prod(
-          _index_shape(shard.index, shape)) * np.dtype(dtype).itemsize
+          _index_shape(shard.index, shape)) * itemsize
     row['bytes_per_device'] = max(per_device.values())
     row['replicated'] = bool(sharding.is_fully_replicated)
   else:
     row['shard_shape'] = shape
-    row['bytes_per_device'] = math.prod(shape) * np.dtype(dtype).itemsize
+    row['bytes_per_device'] = math.prod(shape) * itemsize
     row['replicated'] = True
   if check_values:
     row['note'] = _same_on_every_shard(value, row['mesh_axes'])
@@ -65,7 +87,7 @@ def _index_shape(index: tuple, shape: tuple) -> tuple:
 
 def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
   # Old pmap code stacks a copy per device; flag dimensions whose slices are all equal.
-  if not mesh_axes:
+  if not mesh_axes or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
     return ''
   host = np.asarray(value)
   same = [d for d in mesh_axes if host.shape[d] > 1 and
@@ -107,7 +129,7 @@ class StateTable:
     if not self.rows:
       return '(no states)'
     columns = [c for c in (*COLUMNS, 'note') if c in self.rows[0]]
-    cells = [[_cell(row[c]) for c in columns] for row in self.rows]
+    cells = [[_cell(c, row[c]) for c in columns] for row in self.rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda items: '  '.join(s.ljust(w) for s, w in zip(items, widths)).rstrip()  # noqa
     return '\n'.join([line(columns), line('-' * w for w in widths), *map(line, cells)])
@@ -116,12 +138,12 @@ class StateTable:
     return str(self)
 
 
-def _cell(value: Any) -> str:
-  if isinstance(value, dict):
-    return ', '.join(f'{d}:{"+".join(a)}' for d, a in value.items()) or '-'
+def _cell(column: str, value: Any) -> str:
+  if column == 'mesh_axes' and all(isinstance(d, int) for d in value):
+    return ', '.join(f'{d}:{"+".join(map(str, a))}' for d, a in value.items()) or '-'
   if isinstance(value, tuple):
     return str(value).replace(' ', '')
-  return str(value)
+  return str(value)   # a pytree-valued state: the cell's leaves in the value's structure
 
 
 def describe(obj: Any, check_values: bool = False) -> StateTable:
@@ -137,7 +159,8 @@ def describe(obj: Any, check_values: bool = False) -> StateTable:
     >>> table.rows[0]['shape'], table.rows[0]['bytes_per_device']
     ((2, 3), 24)
   """
-  return StateTable([_row(path, state, check_values) for path, state in _named_states(obj)])
+  return StateTable([_state_row(path, state, check_values)
+                     for path, state in _named_states(obj)])
 
 
 @dataclasses.dataclass

@@ -72,13 +72,14 @@ class StatefulShardMap(StatefulMapping):
     self.state_out_specs = _state_specs(state_out_specs, 'state_out_specs')
 
   def _specs(self, prefix: Any, tree: Any, argname: str, what: str) -> list[P]:
+    # None in a spec prefix means replicated; None in `tree` (a static argument) has no leaves.
+    prefix = jax.tree.map(lambda s: P() if s is None else s, prefix, is_leaf=_is_spec)
     try:
-      full = jax.tree.broadcast(prefix, tree, is_leaf=_is_spec)
+      full = jax.tree.broadcast(prefix, tree, is_leaf=lambda s: isinstance(s, P))
     except ValueError as err:
       raise ValueError(f'{argname}={prefix!r} is not a prefix of the {what} structure '
                        f'{jax.tree.structure(tree)}: {err}') from None
-    specs = jax.tree.leaves(full, is_leaf=_is_spec)
-    return [P() if s is None else s for s in specs]
+    return jax.tree.leaves(full, is_leaf=lambda s: isinstance(s, P))
 
   def _layout_args(self, treedef, leaves, args, kwargs, paths) -> Layout:
     if kwargs:
