@@ -190,11 +190,7 @@ class Explanation:
 def explain_entry(mapping: Any, entry: Any, leaves: list, vals: list) -> Explanation:
   """Build the `Explanation` of one cache entry of a `pmap2`/`shard_map` mapping."""
   from meshstate.transform._engine import _arg_name
-  from meshstate.transform._mesh import _ShardMapMapper
   mapper = mapping._mapper
-  if not isinstance(mapper, _ShardMapMapper):
-    raise TypeError(f'explain shows the shard_map program of pmap2 and shard_map; '
-                    f'{mapping.name} maps with {type(mapper).__name__}.')
   layout = entry.layout
   mesh, manual, in_specs, out_specs = mapper.mesh_and_specs(layout)
   paths = mapping._paths()

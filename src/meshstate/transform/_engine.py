@@ -12,6 +12,8 @@ import collections
 import dataclasses
 import itertools
 import operator
+import os
+import sys
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -78,6 +80,16 @@ def _shape(value: Any) -> tuple:
   """Shape of a state's value (of its first leaf when it is a pytree)."""
   leaves = jax.tree.leaves(value)
   return tuple(getattr(leaves[0], 'shape', ())) if leaves else ()
+
+
+def _caller_stacklevel() -> int:
+  """The `warnings` stacklevel of the first frame outside meshstate and JAX: the user's call."""
+  import meshstate
+  skip = (os.path.dirname(meshstate.__file__), os.path.dirname(jax.__file__))
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename.startswith(skip):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def _traced(outs: tuple) -> bool:
@@ -364,7 +376,8 @@ class StatefulMapping:
                             and state not in self._warned):
       self._warned.add(state)
       warnings.warn(f'{what} is written with per-lane values but has no out axis in '
-                    f'state_out_axes; it is gathered along axis 0.', UserWarning, stacklevel=5)
+                    f'state_out_axes; it is gathered along axis 0.', UserWarning,
+                    stacklevel=_caller_stacklevel())
     return 0
 
   def _auto_fed(self, disc, layout: Layout, fed: dict, paths: dict) -> dict[State, int]:
@@ -566,6 +579,10 @@ class StatefulMapping:
       in_specs (arguments, then states read):
     """
     from meshstate.sharding import explain_entry
+    from meshstate.transform._mesh import _ShardMapMapper
+    if not isinstance(self._mapper, _ShardMapMapper):
+      raise TypeError(f'explain shows the shard_map program of pmap2 and shard_map; '
+                      f'{self.name} maps with {type(self._mapper).__name__}.')
     entry, leaves, vals, _ = self._entry(args, kwargs)
     return explain_entry(self, entry, leaves, vals)
 
