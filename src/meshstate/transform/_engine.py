@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, StateTraceError, frames
+from meshstate._state import Frame, State, StateTraceError, frames as _frames
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -74,6 +74,7 @@ class _Entry:
 _STALE = object()  # in `entry.last`: never the current value, forces a signature check
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
+_read_value = operator.attrgetter('value')   # through the enclosing trace frames, if any
 
 
 def _shape(value: Any) -> tuple:
@@ -179,50 +180,77 @@ class StatefulMapping:
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
-    entry, leaves, vals, nested = self._entry(args, kwargs)
-    outs = entry.fn(*leaves, *vals)
-    n = entry.n_out
-    if nested:
-      for state, value in zip(entry.out_states, outs[n:]):
-        state.value = value
-    else:
-      if entry.out_states and _traced(outs):
-        raise StateTraceError(
-            f'{self.name} was called with traced arguments outside a meshstate transform (for '
-            f'example under a raw jax.jit), so the states it writes would receive tracers. '
-            f'Use meshstate.transform.jit instead of jax.jit around it.')
-      collections.deque(map(_set_value, entry.out_states, outs[n:]), maxlen=0)
-      last = list(map(_get_value, entry.in_states))
-      if entry.stable is None:   # once per entry: do writes keep the traced signature?
-        entry.stable = tuple(map(self._sig, last)) == entry.sig
-      entry.last = last if entry.stable else [_STALE] * len(last)
-    return entry.out_tree.unflatten(outs[:n])
-
-  def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list, bool]:
-    """The cache entry for this call (traced on a miss), its argument leaves and state values."""
     static = ()
     if self._static or self._static_names:
       args, kwargs, static = self._split_static(args, kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     try:
-      key = (treedef, tuple(map(jax.typeof, leaves)), static)
+      key = (treedef, tuple([x.aval for x in leaves]), static)
+    except AttributeError:   # numpy arrays and Python scalars have no cached aval
+      key = (treedef, self._avals(args, kwargs, leaves), static)
+    if _frames():
+      return self._call_nested(key, treedef, leaves, args, kwargs, static)
+    entries = self._cache.get(key)
+    entry = entries[-1] if entries else None
+    if entry is not None:
+      vals = list(map(_get_value, entry.in_states))
+      if not all(map(operator.is_, vals, entry.last)):   # a state changed since the last call
+        entry = self._match(entries, _get_value)
+        vals = entry and list(map(_get_value, entry.in_states))
+    if entry is None:
+      entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
+    outs = entry.fn(*leaves, *vals)
+    n = entry.n_out
+    if entry.out_states:
+      first = outs[n]
+      if isinstance(first, jax.core.Tracer) or (not isinstance(first, jax.Array) and
+                                               _traced(outs[n:])):
+        raise StateTraceError(
+            f'{self.name} was called with traced arguments outside a meshstate transform (for '
+            f'example under a raw jax.jit), so the states it writes would receive tracers. '
+            f'Use meshstate.transform.jit instead of jax.jit around it.')
+      collections.deque(map(_set_value, entry.out_states, outs[n:]), maxlen=0)
+    last = list(map(_get_value, entry.in_states))
+    if entry.stable is None:   # once per entry: do writes keep the traced signature?
+      entry.stable = tuple(map(self._sig, last)) == entry.sig
+    entry.last = last if entry.stable else [_STALE] * len(last)
+    return entry.out_tree.unflatten(outs[:n])
+
+  def _call_nested(self, key, treedef, leaves, args, kwargs, static):
+    """A call traced inside another transform: states are read and written through it."""
+    key += (context_key(),)   # the program depends on the enclosing transform
+    entry = self._lookup(key, treedef, leaves, args, kwargs, static)
+    vals = [s.value for s in entry.in_states]
+    outs = entry.fn(*leaves, *vals)
+    n = entry.n_out
+    for state, value in zip(entry.out_states, outs[n:]):
+      state.value = value
+    return entry.out_tree.unflatten(outs[:n])
+
+  def _avals(self, args, kwargs, leaves) -> tuple:
+    try:
+      return tuple(map(jax.typeof, leaves))
     except TypeError:
       raise self._bad_leaf(args, kwargs) from None
-    nested = bool(frames())
-    if nested:   # traced inside another transform: the program depends on which one
+
+  def _lookup(self, key, treedef, leaves, args, kwargs, static) -> _Entry:
+    """The entry for `key` whose traced state signature matches the states now (else trace)."""
+    entry = self._match(self._cache.get(key, ()), _read_value)
+    if entry is None:
+      entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
+    return entry
+
+  def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
+    """The cache entry for these arguments (traced, not run, on a miss), leaves, state values."""
+    static = ()
+    if self._static or self._static_names:
+      args, kwargs, static = self._split_static(args, kwargs)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    key = (treedef, self._avals(args, kwargs, leaves), static)
+    if _frames():
       key += (context_key(),)
-    entries = self._cache.get(key)
-    if entries:
-      entry = entries[-1]
-      vals = ([s.value for s in entry.in_states] if nested
-              else list(map(_get_value, entry.in_states)))
-      if all(map(operator.is_, vals, entry.last)):
-        return entry, leaves, vals, nested
-      entry = self._match(entries, vals)
-      if entry is not None:
-        return entry, leaves, vals, nested
-    entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
-    return entry, leaves, vals, nested
+    entry = self._lookup(key, treedef, leaves, args, kwargs, static)
+    return entry, leaves, [s.value for s in entry.in_states]
 
   def _sig(self, value: Any) -> Any:
     sig = jax.tree.map(jax.typeof, value)
@@ -230,10 +258,11 @@ class StatefulMapping:
       return sig, getattr(value, 'sharding', None)
     return sig
 
-  def _match(self, entries: list[_Entry], vals: list) -> _Entry | None:
-    sig = tuple(map(self._sig, vals))
+  def _match(self, entries: Sequence[_Entry], read: Callable) -> _Entry | None:
+    """The newest entry traced for the current signature of its states, if any."""
     for entry in reversed(entries):
-      if entry.sig == sig:
+      vals = list(map(read, entry.in_states))
+      if tuple(map(self._sig, vals)) == entry.sig:
         entry.last = vals
         return entry
     return None
@@ -465,7 +494,7 @@ class StatefulMapping:
     layout.out_slot_axes = list(out_axes) + state_out
     layout.in_states, layout.out_states = in_states, out_states
 
-    vals = self._placed(in_states, layout) if not frames() else [s.value for s in in_states]
+    vals = self._placed(in_states, layout) if not _frames() else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = layout.program = self._program(body, random_in, layout)
@@ -583,8 +612,7 @@ class StatefulMapping:
     if not isinstance(self._mapper, _ShardMapMapper):
       raise TypeError(f'explain shows the shard_map program of pmap2 and shard_map; '
                       f'{self.name} maps with {type(self._mapper).__name__}.')
-    entry, leaves, vals, _ = self._entry(args, kwargs)
-    return explain_entry(self, entry, leaves, vals)
+    return explain_entry(self, *self._entry(args, kwargs))
 
   def lower(self, *args, **kwargs):
     """JAX's `Lowered` program for these arguments (read its HLO with `.as_text()`).
@@ -595,7 +623,7 @@ class StatefulMapping:
       >>> 'sharding' in f.lower(jnp.ones(2)).as_text()
       True
     """
-    entry, leaves, vals, _ = self._entry(args, kwargs)
+    entry, leaves, vals = self._entry(args, kwargs)
     if not hasattr(entry.fn, 'lower'):
       raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')
     return entry.fn.lower(*leaves, *vals)
