@@ -6,7 +6,8 @@ mesh of all devices. Baselines measured in the same run, interleaved round by ro
     out explicitly, pre-sharded and donated (the target: ratios near 1);
   - `jax.pmap` of the same pure step;
   - brainstate's `pmap2`, when brainstate is installed.
-Prints a table of medians and ratios and writes JSON (default bench/results/dispatch.json).
+Prints a table of median times and ratios (the median over rounds of each round's time over the
+baseline's in that round) and writes JSON (default bench/results/dispatch.json).
 
   python bench/dispatch.py [--rounds 15] [--calls 20] [--out PATH]
 """
@@ -116,17 +117,18 @@ def measure(rounds: int, calls: int) -> list[dict]:
           out = call()
         jax.block_until_ready(out)
         times[name].append((time.perf_counter() - t0) / calls)
-    base = statistics.median(times['jit(shard_map)'])
+    base = times['jit(shard_map)']
     for name, ts in times.items():
-      med = statistics.median(ts)
-      rows.append({'states': n_states, 'variant': name, 'median_us': med * 1e6,
-                   'ratio_vs_jit_shard_map': med / base})
+      # Rounds interleave the variants, so a round's ratio cancels the machine's drift.
+      ratio = statistics.median(t / b for t, b in zip(ts, base))
+      rows.append({'states': n_states, 'variant': name, 'median_us': statistics.median(ts) * 1e6,
+                   'ratio_vs_jit_shard_map': ratio})
   return rows
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--rounds', type=int, default=15)
+  parser.add_argument('--rounds', type=int, default=21)
   parser.add_argument('--calls', type=int, default=20)
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
                                                     'dispatch.json'))

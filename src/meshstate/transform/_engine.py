@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, StateTraceError, frames as _frames
+from meshstate._state import Frame, State, StateTraceError, _local, frames as _frames
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -62,11 +62,13 @@ class Layout:
 class _Entry:
   """One traced program: the states it carries and the callable that runs it."""
   __slots__ = ('in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn', 'layout',
-               'stable')
+               'stable', 'rewrites_all', 'single_out')
 
   def __init__(self, layout, sig, last, fn):
     self.in_states, self.out_states = layout.in_states, layout.out_states
     self.n_out, self.out_tree = layout.n_out, layout.out_tree
+    self.rewrites_all = layout.in_states == layout.out_states   # then new values = inputs next
+    self.single_out = layout.out_tree.num_nodes == 1 and layout.out_tree.num_leaves == 1
     self.sig, self.last, self.fn, self.layout = sig, last, fn, layout
     self.stable = None  # whether a call leaves the states with the signature it was traced for
 
@@ -172,7 +174,9 @@ class StatefulMapping:
       raise ValueError(f'Arguments {sorted(overlap)} are both static and donated '
                        f'(static_argnums={self._static}, donate_argnums={self._donate}).')
     self._donate_states = donate_states
+    self._has_static = bool(self._static or self._static_names)
     self._cache: dict[Any, list[_Entry]] = {}
+    self._flat: dict[tuple, list[_Entry]] = {}   # the same entry lists, keyed by avals alone
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
     self._last_entry: _Entry | None = None
@@ -180,27 +184,41 @@ class StatefulMapping:
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
+    # Fast path: positional array arguments (one leaf each), states as the last call left them.
+    if not kwargs and not self._has_static and not _local.stack:
+      try:
+        entries = self._flat.get(tuple([a.aval for a in args]))
+      except AttributeError:
+        entries = None
+      if entries:
+        entry = entries[-1]
+        vals = list(map(_get_value, entry.in_states))
+        if all(map(operator.is_, vals, entry.last)):
+          return self._run(entry, args, vals)
+    return self._call(args, kwargs)
+
+  def _call(self, args: tuple, kwargs: dict):
     static = ()
-    if self._static or self._static_names:
+    if self._has_static:
       args, kwargs, static = self._split_static(args, kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
-    try:
-      key = (treedef, tuple([x.aval for x in leaves]), static)
-    except AttributeError:   # numpy arrays and Python scalars have no cached aval
-      key = (treedef, self._avals(args, kwargs, leaves), static)
-    if _frames():
+    key = (treedef, self._avals(args, kwargs, leaves), static)
+    if _local.stack:
       return self._call_nested(key, treedef, leaves, args, kwargs, static)
-    entries = self._cache.get(key)
-    entry = entries[-1] if entries else None
-    if entry is not None:
-      vals = list(map(_get_value, entry.in_states))
-      if not all(map(operator.is_, vals, entry.last)):   # a state changed since the last call
-        entry = self._match(entries, _get_value)
-        vals = entry and list(map(_get_value, entry.in_states))
+    entry = self._match(self._cache.get(key, ()), _get_value)
     if entry is None:
-      entry, vals = self._compile(key, treedef, leaves, args, kwargs, static)
+      self._compile(key, treedef, leaves, args, kwargs, static)
+      entry = self._cache[key][-1]
+    if not kwargs and not static and len(leaves) == len(args) and all(
+        map(operator.is_, leaves, args)):
+      self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
+    return self._run(entry, leaves, list(map(_get_value, entry.in_states)))
+
+  def _run(self, entry: _Entry, leaves: Sequence[Any], vals: list):
+    """Run the entry's program, write the states back, return the outputs."""
     outs = entry.fn(*leaves, *vals)
     n = entry.n_out
+    last = vals
     if entry.out_states:
       first = outs[n]
       if isinstance(first, jax.core.Tracer) or (not isinstance(first, jax.Array) and
@@ -210,11 +228,11 @@ class StatefulMapping:
             f'example under a raw jax.jit), so the states it writes would receive tracers. '
             f'Use meshstate.transform.jit instead of jax.jit around it.')
       collections.deque(map(_set_value, entry.out_states, outs[n:]), maxlen=0)
-    last = list(map(_get_value, entry.in_states))
+      last = outs[n:] if entry.rewrites_all else list(map(_get_value, entry.in_states))
     if entry.stable is None:   # once per entry: do writes keep the traced signature?
       entry.stable = tuple(map(self._sig, last)) == entry.sig
     entry.last = last if entry.stable else [_STALE] * len(last)
-    return entry.out_tree.unflatten(outs[:n])
+    return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
 
   def _call_nested(self, key, treedef, leaves, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
