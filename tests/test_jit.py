@@ -10,22 +10,7 @@ import meshstate
 from meshstate import ParamState, State, StateTraceError
 from meshstate.transform import jit
 
-N = jax.device_count()
-RNG = np.random.RandomState(2)
-
-
-def rand(*shape):
-  return jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
-
-
-def close(a, b):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def no_tracer(*states):
-  for s in states:
-    for leaf in jax.tree.leaves(s.value):
-      assert not isinstance(leaf, jax.core.Tracer)
+from helpers import N, close, no_tracer, rand
 
 
 def test_reads_and_writes_are_carried():

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import meshstate
+from helpers import mesh_2x4
 from meshstate import LongTermState, ParamState, State
 from meshstate.random import RandomState
 from meshstate.transform import pmap2, vmap2
@@ -22,15 +23,9 @@ N = jax.device_count()
 RNG = np.random.RandomState(3)
 
 
-def make(kind):
-  if kind == 'Mesh':
-    return Mesh(np.array(jax.devices()[:D * M]).reshape(D, M), ('data', 'model'))
-  return jax.make_mesh((D, M), ('data', 'model'))
-
-
 @pytest.fixture(params=['Mesh', 'make_mesh'])
 def mesh(request):
-  return make(request.param)
+  return mesh_2x4(request.param)
 
 
 def rand(*shape):
@@ -200,7 +195,7 @@ def test_pmap2_accepts_input_sharded_on_explicit_mesh():
 # -- random draws on a multi-axis mesh ------------------------------------------------------------
 
 def test_random_key_already_on_explicit_mesh():
-  mesh = make('make_mesh')
+  mesh = mesh_2x4('make_mesh')
   rs = RandomState(0)
   rs.value = jax.device_put(rs.value, NamedSharding(mesh, P()))
   f = pmap2(lambda x: x + jax.random.normal(rs.split_key(), x.shape), axis_name='data', mesh=mesh)
@@ -209,7 +204,7 @@ def test_random_key_already_on_explicit_mesh():
 
 
 def test_random_draws_differ_across_data_on_auto_mesh():
-  mesh = make('Mesh')
+  mesh = mesh_2x4('Mesh')
   rs = RandomState(0)
   k0 = np.asarray(rs.value)
   f = pmap2(lambda x: x + jax.random.normal(rs.split_key(), x.shape), axis_name='data', mesh=mesh)
@@ -254,7 +249,7 @@ def test_grad_of_broadcast_state_is_per_device():
 
 
 def test_data_parallel_jax_grad_step_on_mesh():
-  mesh = make('Mesh')
+  mesh = mesh_2x4('Mesh')
   w0, x, y = rand(3, 8), rand(D, 4, 3), rand(D, 4, 8)
   weight = ParamState(jax.device_put(jnp.asarray(w0), NamedSharding(mesh, P(None, 'model'))))
 

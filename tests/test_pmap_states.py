@@ -20,22 +20,7 @@ from meshstate.random import RandomState
 from meshstate.transform import StatefulMapping, pmap2
 from meshstate.util.filter import OfType, PathContains
 
-N = jax.device_count()
-RNG = np.random.RandomState(1)
-
-
-def rand(*shape):
-  return jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
-
-
-def close(a, b):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def no_tracer(*states):
-  for s in states:
-    for leaf in jax.tree.leaves(s.value):
-      assert not isinstance(leaf, jax.core.Tracer), f'{s!r} holds a tracer'
+from helpers import N, close, no_tracer, rand
 
 
 def snapshot(*states):

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import meshstate
+from helpers import mesh_2x4
 from meshstate import LongTermState, ParamState, ShortTermState, State
 from meshstate.random import RandomState
 from meshstate.transform import shard_map
@@ -21,20 +22,14 @@ D, M = 2, 4   # mesh ('data', 'model')
 RNG = np.random.RandomState(7)
 
 
-def make(kind):
-  if kind == 'Mesh':
-    return Mesh(np.array(jax.devices()[:D * M]).reshape(D, M), ('data', 'model'))
-  return jax.make_mesh((D, M), ('data', 'model'))
-
-
 @pytest.fixture(params=['Mesh', 'make_mesh'])
 def mesh(request):
-  return make(request.param)
+  return mesh_2x4(request.param)
 
 
 @pytest.fixture(scope='module')
 def auto_mesh():
-  return make('Mesh')
+  return mesh_2x4('Mesh')
 
 
 def rand(*shape):
@@ -194,7 +189,7 @@ def test_explicit_and_auto_meshes_agree():
   x, w0 = rand(4, 3), rand(3, 8)
   results = []
   for kind in ('Mesh', 'make_mesh'):
-    mesh = make(kind)
+    mesh = mesh_2x4(kind)
     w = ParamState(jnp.asarray(w0))
 
     def step(xb):
