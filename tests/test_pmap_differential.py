@@ -355,3 +355,15 @@ def test_numpy_and_list_arguments():
   got = pmap2(fn, axis_name='i')(xs)
   assert isinstance(got, jax.Array)
   assert_tree_close(got, jax.vmap(fn, axis_name='i')(xs))
+
+
+def test_vmap2_spmd_axis_name_shards_the_mapped_axis_over_the_mesh():
+  mesh = Mesh(np.array(jax.devices()), ('d',))
+  x = jax.device_put(rand(N, 3), NamedSharding(mesh, P('d')))
+
+  def f(v):
+    return v - lax.pmean(v, 'i')
+
+  out = vmap2(f, axis_name='i', spmd_axis_name='d')(x)
+  assert_tree_close(out, jax.vmap(f, axis_name='i')(x))
+  assert out.sharding.spec == P('d')

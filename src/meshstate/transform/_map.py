@@ -8,6 +8,7 @@ import jax
 from jax.sharding import Mesh
 
 from meshstate.transform._engine import StatefulMapping
+from meshstate.transform._mappers import VmapMapper
 from meshstate.transform._mesh import MeshMapper
 
 __all__ = ['pmap2', 'vmap2']
@@ -61,11 +62,15 @@ def pmap2(fn: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0
 
 
 def vmap2(fn: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
-          axis_name: Any = None, axis_size: int | None = None, state_in_axes: Any = None,
+          axis_name: Any = None, axis_size: int | None = None, spmd_axis_name: Any = None,
+          state_in_axes: Any = None,
           state_out_axes: Any = None, unexpected_out_state_mapping: str = 'auto',
           static_argnums: int | Sequence[int] = (),
           static_argnames: str | Sequence[str] = ()) -> StatefulMapping | Callable:
   """Vectorise `fn` like `jax.vmap`, carrying the `State`s it reads and writes.
+
+  Takes `jax.vmap`'s arguments (`spmd_axis_name` included) plus the three state arguments of
+  `pmap2`; compiled once per call signature with `jax.jit`.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -79,5 +84,6 @@ def vmap2(fn: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
                 unexpected_out_state_mapping=unexpected_out_state_mapping,
                 static_argnums=static_argnums, static_argnames=static_argnames)
   if fn is None:
-    return functools.partial(vmap2, **kwargs)
-  return StatefulMapping(fn, mapping_fn=jax.vmap, **kwargs)
+    return functools.partial(vmap2, spmd_axis_name=spmd_axis_name, **kwargs)
+  mapping_fn = jax.vmap if spmd_axis_name is None else VmapMapper(spmd_axis_name)
+  return StatefulMapping(fn, mapping_fn=mapping_fn, **kwargs)

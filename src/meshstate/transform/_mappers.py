@@ -47,9 +47,9 @@ class Mapper:
     raise NotImplementedError
 
 
-def _vmap(fn: Callable, layout: Any, out_axes: Any) -> Callable:
+def _vmap(fn: Callable, layout: Any, out_axes: Any, spmd_axis_name: Any = None) -> Callable:
   return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=out_axes,
-                  axis_name=layout.name, axis_size=layout.size)
+                  axis_name=layout.name, axis_size=layout.size, spmd_axis_name=spmd_axis_name)
 
 
 def vmap_trace(probe: Callable, slots: Sequence[Any], layout: Any) -> None:
@@ -60,11 +60,15 @@ def vmap_trace(probe: Callable, slots: Sequence[Any], layout: Any) -> None:
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`)."""
 
+  def __init__(self, spmd_axis_name: Any = None):
+    self.spmd_axis_name = spmd_axis_name
+
   def trace(self, probe, slots, layout):
     vmap_trace(probe, slots, layout)
 
   def build(self, body, layout, donate):
-    return jax.jit(_vmap(body, layout, tuple(layout.out_slot_axes)), donate_argnums=donate)
+    return jax.jit(_vmap(body, layout, tuple(layout.out_slot_axes), self.spmd_axis_name),
+                   donate_argnums=donate)
 
 
 class JitMapper(Mapper):
