@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, StateTraceError, _local, frames as _frames
+from meshstate._state import Frame, State, StateTraceError, _local
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -76,7 +76,6 @@ class _Entry:
 _STALE = object()  # in `entry.last`: never the current value, forces a signature check
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
-_read_value = operator.attrgetter('value')   # through the enclosing trace frames, if any
 
 
 def _shape(value: Any) -> tuple:
@@ -179,7 +178,6 @@ class StatefulMapping:
     self._flat: dict[tuple, list[_Entry]] = {}   # the same entry lists, keyed by avals alone
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
-    self._last_entry: _Entry | None = None
 
   # -- the per-call hot path -------------------------------------------------------------------
 
@@ -198,21 +196,26 @@ class StatefulMapping:
     return self._call(args, kwargs)
 
   def _call(self, args: tuple, kwargs: dict):
+    sig = self._signature(args, kwargs)
+    key, leaves = sig[0], sig[1]
+    if _local.stack:
+      return self._call_nested(*sig)
+    entry = self._lookup(*sig)
+    if not kwargs and not self._has_static and len(leaves) == len(args) and all(
+        map(operator.is_, leaves, args)):
+      self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
+    return self._run(entry, leaves, list(map(_get_value, entry.in_states)))
+
+  def _signature(self, args: tuple, kwargs: dict) -> tuple:
+    """`(cache key, leaves, treedef, args, kwargs, static)`, static arguments split off."""
     static = ()
     if self._has_static:
       args, kwargs, static = self._split_static(args, kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     key = (treedef, self._avals(args, kwargs, leaves), static)
-    if _local.stack:
-      return self._call_nested(key, treedef, leaves, args, kwargs, static)
-    entry = self._match(self._cache.get(key, ()), _get_value)
-    if entry is None:
-      self._compile(key, treedef, leaves, args, kwargs, static)
-      entry = self._cache[key][-1]
-    if not kwargs and not static and len(leaves) == len(args) and all(
-        map(operator.is_, leaves, args)):
-      self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
-    return self._run(entry, leaves, list(map(_get_value, entry.in_states)))
+    if _local.stack:   # traced inside another transform: the program depends on which one
+      key += (context_key(),)
+    return key, leaves, treedef, args, kwargs, static
 
   def _run(self, entry: _Entry, leaves: Sequence[Any], vals: list):
     """Run the entry's program, write the states back, return the outputs."""
@@ -234,10 +237,9 @@ class StatefulMapping:
     entry.last = last if entry.stable else [_STALE] * len(last)
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
 
-  def _call_nested(self, key, treedef, leaves, args, kwargs, static):
+  def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
-    key += (context_key(),)   # the program depends on the enclosing transform
-    entry = self._lookup(key, treedef, leaves, args, kwargs, static)
+    entry = self._lookup(key, leaves, treedef, args, kwargs, static)
     vals = [s.value for s in entry.in_states]
     outs = entry.fn(*leaves, *vals)
     n = entry.n_out
@@ -251,24 +253,18 @@ class StatefulMapping:
     except TypeError:
       raise self._bad_leaf(args, kwargs) from None
 
-  def _lookup(self, key, treedef, leaves, args, kwargs, static) -> _Entry:
+  def _lookup(self, key, leaves, treedef, args, kwargs, static) -> _Entry:
     """The entry for `key` whose traced state signature matches the states now (else trace)."""
-    entry = self._match(self._cache.get(key, ()), _read_value)
+    entry = self._match(self._cache.get(key, ()))
     if entry is None:
       entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
     return entry
 
   def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The cache entry for these arguments (traced, not run, on a miss), leaves, state values."""
-    static = ()
-    if self._static or self._static_names:
-      args, kwargs, static = self._split_static(args, kwargs)
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    key = (treedef, self._avals(args, kwargs, leaves), static)
-    if _frames():
-      key += (context_key(),)
-    entry = self._lookup(key, treedef, leaves, args, kwargs, static)
-    return entry, leaves, [s.value for s in entry.in_states]
+    sig = self._signature(args, kwargs)
+    entry = self._lookup(*sig)
+    return entry, sig[1], [s.value for s in entry.in_states]
 
   def _sig(self, value: Any) -> Any:
     sig = jax.tree.map(jax.typeof, value)
@@ -276,12 +272,11 @@ class StatefulMapping:
       return sig, getattr(value, 'sharding', None)
     return sig
 
-  def _match(self, entries: Sequence[_Entry], read: Callable) -> _Entry | None:
+  def _match(self, entries: Sequence[_Entry]) -> _Entry | None:
     """The newest entry traced for the current signature of its states, if any."""
     for entry in reversed(entries):
-      vals = list(map(read, entry.in_states))
-      if tuple(map(self._sig, vals)) == entry.sig:
-        entry.last = vals
+      vals = [s.value for s in entry.in_states]   # through enclosing trace frames, if any
+      if all(map(operator.is_, vals, entry.last)) or tuple(map(self._sig, vals)) == entry.sig:
         return entry
     return None
 
@@ -512,7 +507,7 @@ class StatefulMapping:
     layout.out_slot_axes = list(out_axes) + state_out
     layout.in_states, layout.out_states = in_states, out_states
 
-    vals = self._placed(in_states, layout) if not _frames() else [s.value for s in in_states]
+    vals = self._placed(in_states, layout) if not _local.stack else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = layout.program = self._program(body, random_in, layout)
@@ -521,7 +516,6 @@ class StatefulMapping:
     entry = _Entry(layout, tuple(map(self._sig, vals)), vals, fn)
     self._cache.setdefault(key, []).append(entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
-    self._last_entry = entry
     return entry, vals
 
   def _placed(self, states: list[State], layout: Layout) -> list:
