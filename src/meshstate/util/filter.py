@@ -114,46 +114,47 @@ class PathContains(Filter):
     return f'PathContains({self.name!r})'
 
 
-class Any(Filter):
+class _Combination(Filter):
+  """Combines several selectors (any that `to_predicate` accepts) with `_reduce`."""
+
+  __slots__ = ('filters',)
+  _reduce = staticmethod(any)
+
+  def __init__(self, *filters: _AnyType):
+    self.filters = tuple(to_predicate(f) for f in filters)
+
+  def __call__(self, path: Path, state: State) -> bool:
+    return self._reduce(f(path, state) for f in self.filters)
+
+  def _key(self) -> tuple:
+    return self.filters
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}({", ".join(map(repr, self.filters))})'
+
+
+class Any(_Combination):
   """True when at least one of ``filters`` is true (``Any()`` is never true).
 
-  Each argument may be any selector that `to_predicate` accepts.
+  Example:
+    >>> from meshstate import ParamState
+    >>> Any(ParamState, 'bias')(('bias',), ParamState(0.0))
+    True
   """
-
-  __slots__ = ('filters',)
-
-  def __init__(self, *filters: _AnyType):
-    self.filters = tuple(to_predicate(f) for f in filters)
-
-  def __call__(self, path: Path, state: State) -> bool:
-    return any(f(path, state) for f in self.filters)
-
-  def _key(self) -> tuple:
-    return self.filters
-
-  def __repr__(self) -> str:
-    return f'Any({", ".join(map(repr, self.filters))})'
+  __slots__ = ()
+  _reduce = staticmethod(any)
 
 
-class All(Filter):
+class All(_Combination):
   """True when every one of ``filters`` is true (``All()`` is always true).
 
-  Each argument may be any selector that `to_predicate` accepts.
+  Example:
+    >>> from meshstate import ParamState
+    >>> All(ParamState, 'bias')(('weight',), ParamState(0.0))
+    False
   """
-
-  __slots__ = ('filters',)
-
-  def __init__(self, *filters: _AnyType):
-    self.filters = tuple(to_predicate(f) for f in filters)
-
-  def __call__(self, path: Path, state: State) -> bool:
-    return all(f(path, state) for f in self.filters)
-
-  def _key(self) -> tuple:
-    return self.filters
-
-  def __repr__(self) -> str:
-    return f'All({", ".join(map(repr, self.filters))})'
+  __slots__ = ()
+  _reduce = staticmethod(all)
 
 
 class Not(Filter):
