@@ -74,6 +74,10 @@ class _Entry:
 
 
 _STALE = object()  # in `entry.last`: never the current value, forces a signature check
+try:
+  from jax._src.array import ArrayImpl as _ArrayImpl   # concrete arrays: no tracer check needed
+except ImportError:  # pragma: no cover - layout of jax's internals changed
+  _ArrayImpl = None
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 
@@ -94,9 +98,9 @@ def _caller_stacklevel() -> int:
   return level
 
 
-def _traced(outs: tuple) -> bool:
+def _traced(outs: Sequence[Any]) -> bool:
   """Whether the program ran under an enclosing JAX trace (its results are tracers)."""
-  leaves = jax.tree.leaves(outs[0]) if outs else ()
+  leaves = jax.tree.leaves(outs[0]) if len(outs) else ()
   return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)
 
 
@@ -182,6 +186,7 @@ class StatefulMapping:
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
+    entry = None
     # Fast path: positional array arguments (one leaf each), states as the last call left them.
     if not kwargs and not self._has_static and not _local.stack:
       try:
@@ -189,22 +194,73 @@ class StatefulMapping:
       except AttributeError:
         entries = None
       if entries:
-        entry = entries[-1]
+        entry, leaves = entries[-1], args
         vals = list(map(_get_value, entry.in_states))
-        if all(map(operator.is_, vals, entry.last)):
-          return self._run(entry, args, vals)
-    return self._call(args, kwargs)
+        if not all(map(operator.is_, vals, entry.last)):
+          entry = None
+    if entry is None:
+      if _local.stack:
+        return self._call_nested(*self._signature(args, kwargs))
+      entry, leaves, vals = self._prepare(args, kwargs)
+    # Run the program, write the states back (the slots themselves), return the outputs.
+    outs = entry.fn(*leaves, *vals)
+    n = entry.n_out
+    last = vals
+    if entry.out_states:
+      new = outs[n:]
+      if type(new[0]) is not _ArrayImpl and _traced(new):
+        raise StateTraceError(
+            f'{self.name} was called with traced arguments outside a meshstate transform (for '
+            f'example under a raw jax.jit), so the states it writes would receive tracers. '
+            f'Use meshstate.transform.jit instead of jax.jit around it.')
+      collections.deque(map(_set_value, entry.out_states, new), maxlen=0)
+      last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
+    if entry.stable:
+      entry.last = last
+    else:
+      self._settle(entry, last)
+    return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
 
-  def _call(self, args: tuple, kwargs: dict):
+  def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
+    """The general path: the entry for any arguments (traced on a miss), leaves, state values."""
     sig = self._signature(args, kwargs)
     key, leaves = sig[0], sig[1]
-    if _local.stack:
-      return self._call_nested(*sig)
     entry = self._lookup(*sig)
     if not kwargs and not self._has_static and len(leaves) == len(args) and all(
         map(operator.is_, leaves, args)):
       self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
-    return self._run(entry, leaves, list(map(_get_value, entry.in_states)))
+    return entry, leaves, list(map(_get_value, entry.in_states))
+
+  def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
+    """After an entry's first call: do its writes keep the state signature it was traced for?
+
+    If so the next call can match it by identity alone; if not (a write changed a shape),
+    every call re-checks the signature.
+    """
+    if entry.stable is None:
+      entry.stable = tuple(map(self._sig, last)) == entry.sig
+    entry.last = last if entry.stable else [_STALE] * len(last)
+
+  def _signature(self, args: tuple, kwargs: dict) -> tuple:
+    """`(cache key, leaves, treedef, args, kwargs, static)`, static arguments split off."""
+    static = ()
+    if self._has_static:
+      args, kwargs, static = self._split_static(args, kwargs)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    key = (treedef, self._avals(args, kwargs, leaves), static)
+    if _local.stack:   # traced inside another transform: the program depends on which one
+      key += (context_key(),)
+    return key, leaves, treedef, args, kwargs, static
+
+  def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
+    """After an entry's first call: do its writes keep the state signature it was traced for?
+
+    If so the next call can match it by identity alone; if not (a write changed a shape),
+    every call re-checks the signature.
+    """
+    if entry.stable is None:
+      entry.stable = tuple(map(self._sig, last)) == entry.sig
+    entry.last = last if entry.stable else [_STALE] * len(last)
 
   def _signature(self, args: tuple, kwargs: dict) -> tuple:
     """`(cache key, leaves, treedef, args, kwargs, static)`, static arguments split off."""
