@@ -273,26 +273,6 @@ class StatefulMapping:
       key += (context_key(),)
     return key, leaves, treedef, args, kwargs, static
 
-  def _run(self, entry: _Entry, leaves: Sequence[Any], vals: list):
-    """Run the entry's program, write the states back, return the outputs."""
-    outs = entry.fn(*leaves, *vals)
-    n = entry.n_out
-    last = vals
-    if entry.out_states:
-      first = outs[n]
-      if isinstance(first, jax.core.Tracer) or (not isinstance(first, jax.Array) and
-                                               _traced(outs[n:])):
-        raise StateTraceError(
-            f'{self.name} was called with traced arguments outside a meshstate transform (for '
-            f'example under a raw jax.jit), so the states it writes would receive tracers. '
-            f'Use meshstate.transform.jit instead of jax.jit around it.')
-      collections.deque(map(_set_value, entry.out_states, outs[n:]), maxlen=0)
-      last = outs[n:] if entry.rewrites_all else list(map(_get_value, entry.in_states))
-    if entry.stable is None:   # once per entry: do writes keep the traced signature?
-      entry.stable = tuple(map(self._sig, last)) == entry.sig
-    entry.last = last if entry.stable else [_STALE] * len(last)
-    return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
-
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
