@@ -252,27 +252,6 @@ class StatefulMapping:
       key += (context_key(),)
     return key, leaves, treedef, args, kwargs, static
 
-  def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
-    """After an entry's first call: do its writes keep the state signature it was traced for?
-
-    If so the next call can match it by identity alone; if not (a write changed a shape),
-    every call re-checks the signature.
-    """
-    if entry.stable is None:
-      entry.stable = tuple(map(self._sig, last)) == entry.sig
-    entry.last = last if entry.stable else [_STALE] * len(last)
-
-  def _signature(self, args: tuple, kwargs: dict) -> tuple:
-    """`(cache key, leaves, treedef, args, kwargs, static)`, static arguments split off."""
-    static = ()
-    if self._has_static:
-      args, kwargs, static = self._split_static(args, kwargs)
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    key = (treedef, self._avals(args, kwargs, leaves), static)
-    if _local.stack:   # traced inside another transform: the program depends on which one
-      key += (context_key(),)
-    return key, leaves, treedef, args, kwargs, static
-
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
