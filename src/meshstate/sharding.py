@@ -107,9 +107,7 @@ def _named_states(obj: Any) -> list[tuple[str, State]]:
   if isinstance(obj, Module):
     return [('.'.join(map(str, p)), s) for p, s in obj.states().items()]
   if isinstance(obj, StatefulMapping):
-    from meshstate.transform._engine import _module_of
-    module = _module_of(obj.origin_fun)
-    paths = module.state_paths() if module is not None else {}
+    paths = obj._paths()
     return [('.'.join(map(str, paths[s])) if s in paths else f'<{type(s).__name__} {i}>', s)
             for i, s in enumerate(obj.touched_states())]
   if isinstance(obj, dict):

@@ -545,14 +545,14 @@ class StatefulMapping:
       return vals
     for i, (state, sharding) in enumerate(zip(states, shardings[layout.n_leaves:])):
       value = vals[i]
-      if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(value)):
+      arrays = jax.tree.leaves(value)
+      if not all(isinstance(x, jax.Array) for x in arrays):
         continue
-      current = [x.sharding for x in jax.tree.leaves(value)]
       if self._mapper.keeps_layout and all(
-          isinstance(c, jax.sharding.NamedSharding) and c.mesh == sharding.mesh for c in current):
+          isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == sharding.mesh
+          for x in arrays):
         continue   # already on this mesh: its layout over the other axes is kept
-      if any(not c.is_equivalent_to(sharding, x.ndim) for c, x in
-             zip(current, jax.tree.leaves(value))):
+      if any(not x.sharding.is_equivalent_to(sharding, x.ndim) for x in arrays):
         placed = jax.device_put(value, sharding)
         if not _traced((placed,)):   # under a raw jax.jit: pass it on, never store a tracer
           state._value = placed
