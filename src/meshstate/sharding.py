@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from meshstate._state import State
+from meshstate.transform._axes import entry_axes
 
 __all__ = ['describe', 'StateTable', 'Explanation', 'format_spec']
 
@@ -22,10 +23,6 @@ def format_spec(spec: Any) -> str:
   if spec is None:
     return '-'
   return 'P(' + ', '.join(repr(e) for e in spec) + ')'
-
-
-def _entry_axes(entry: Any) -> tuple:
-  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def _state_row(path: str, state: State, check_values: bool) -> dict:
@@ -59,7 +56,7 @@ def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
   if isinstance(sharding, NamedSharding):
     spec = sharding.spec
     row['spec'] = format_spec(spec)
-    row['mesh_axes'] = {d: _entry_axes(e) for d, e in enumerate(spec) if e is not None}
+    row['mesh_axes'] = {d: entry_axes(e) for d, e in enumerate(spec) if e is not None}
   else:
     row['spec'] = 'single device' if sharding is not None else '-'
     row['mesh_axes'] = {}

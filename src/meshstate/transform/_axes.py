@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshstate.util.filter import to_predicate
 
-__all__ = ['normalize_state_axes', 'leaf_axes', 'check_axis', 'mapped_size', 'spec_at',
+__all__ = ['entry_axes', 'normalize_state_axes', 'leaf_axes', 'check_axis', 'mapped_size', 'spec_at',
            'split_static', 'normalize_argnums']
 
 # `None` is an empty pytree; while broadcasting an axes prefix it must stay a leaf.
@@ -82,6 +82,11 @@ def mapped_size(sources: Iterable[tuple[str, int]], axis_size: int | None) -> in
     raise ValueError('Cannot infer the mapped size: no argument or state is mapped; '
                      'pass axis_size=.')
   return next(iter(sizes))
+
+
+def entry_axes(entry: Any) -> tuple:
+  """The mesh axes one `PartitionSpec` entry names (None, a name, or a tuple of names)."""
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 @functools.lru_cache(maxsize=None)

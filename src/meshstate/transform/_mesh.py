@@ -20,7 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from meshstate.transform._axes import spec_at
+from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import Mapper, VmapMapper, constrain, vmap_trace
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key']
@@ -82,10 +82,6 @@ def _expand(slots: Sequence[Any], axes: Sequence[int | None]) -> tuple[Any, ...]
                for v, a in zip(slots, axes))
 
 
-def _entry_axes(entry: Any) -> tuple:
-  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-
-
 def _fit(x: Any, spec: P, manual: frozenset, mesh: Mesh) -> Any:
   """`x` resharded so its manual-axis layout is `spec`, its other axes as they were.
 
@@ -95,8 +91,8 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Mesh) -> Any:
   current += (None,) * (jnp.ndim(x) - len(current))
   want = []
   for dim, entry in enumerate(current):
-    kept = tuple(a for a in _entry_axes(entry) if a not in manual)
-    new = kept + (_entry_axes(spec[dim]) if dim < len(spec) else ())
+    kept = tuple(a for a in entry_axes(entry) if a not in manual)
+    new = kept + (entry_axes(spec[dim]) if dim < len(spec) else ())
     want.append(None if not new else new[0] if len(new) == 1 else new)
   if tuple(want) == current:
     return x
@@ -190,7 +186,7 @@ class MeshMapper(_ShardMapMapper):
       return super().build(body, layout, donate)
     # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
     mesh = self.mesh(layout.size, layout.name)
-    ins = [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.slot_axes]
+    ins = self.slot_shardings(layout)
     outs = [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes]
     mapped = jax.vmap(body, in_axes=tuple(layout.slot_axes), out_axes=tuple(layout.out_slot_axes),
                       axis_name=layout.name, axis_size=layout.size, spmd_axis_name=layout.name)

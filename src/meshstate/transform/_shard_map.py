@@ -22,8 +22,7 @@ __all__ = ['shard_map', 'StatefulShardMap']
 
 def _spec_axes(spec: P) -> tuple:
   """The mesh axes a spec names, in order."""
-  return tuple(a for entry in spec if entry is not None
-               for a in (entry if isinstance(entry, tuple) else (entry,)))
+  return tuple(a for entry in spec for a in _axes.entry_axes(entry))
 
 
 def _state_specs(specs: Any, argname: str) -> list[tuple[P, Callable]]:
@@ -109,7 +108,7 @@ class StatefulShardMap(StatefulMapping):
     for dim, entry in enumerate(spec):
       if entry is None:
         continue
-      k = math.prod(self.mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,)))
+      k = math.prod(self.mesh.shape[a] for a in _axes.entry_axes(entry))
       if shape[dim] % k:
         raise ValueError(f'state_in_specs for {self._describe(state, paths)}: dimension {dim} '
                          f'has size {shape[dim]}, not divisible by the {k} devices of mesh '
