@@ -89,7 +89,7 @@ def test_read_under_raw_jit_is_allowed():
 
 
 def test_frame_records_first_touch_order():
-  a, b, c, d = State(1), State(2), State(3), State(4)
+  a, b, c, d = State(1.), State(2.), State(3.), State(4.)
   with Frame() as frame:
     assert frames()[-1] is frame
     _ = b.value
@@ -130,7 +130,7 @@ def test_frame_restores_values_on_exception():
 
 
 def test_frame_view_replaces_read_value():
-  a = State(5)
+  a = State(5.)
   seen = []
 
   def view(state, value):
@@ -157,7 +157,7 @@ def test_frame_ignores_states_created_inside():
 
 
 def test_nested_frames_read_through_parent():
-  a, b = State(1), State(2)
+  a, b = State(1.), State(2.)
   with Frame(lambda s, v: v + 10) as outer:
     with Frame(lambda s, v: v * 2) as inner:
       assert frames() == [outer, inner]

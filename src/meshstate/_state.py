@@ -5,9 +5,22 @@ import threading
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
-           'StateTraceError']
+           'StateTraceError', 'is_static_value']
+
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, float, complex)
+
+
+def is_static_value(value: Any) -> bool:
+  """Whether a state's value is static to transforms: a Python value (bool, int, str, ...).
+
+  Such a value is not traced: the function sees it as is, may branch on it, and the program
+  is rebuilt when it changes.
+  """
+  leaves = jax.tree.leaves(value)
+  return not leaves or any(isinstance(x, bool) or not isinstance(x, _ARRAY_LIKE) for x in leaves)
 
 
 class StateTraceError(RuntimeError):
@@ -40,6 +53,7 @@ class Frame:
     self.view = view
     self.saved: dict[State, Any] = {}
     self.reads: dict[State, None] = {}
+    self.static_reads: dict[State, Any] = {}   # states read holding Python values, and those
     self.writes: dict[State, None] = {}
     self.touched: dict[State, None] = {}  # reads and writes, first touch first
     self.created: set[int] = set()
@@ -76,10 +90,13 @@ class Frame:
       return state._value
     base = self.parent.read(state) if self.parent is not None else state._value
     self.saved[state] = state._value
-    self.reads[state] = None
     self.touched[state] = None
-    if self.view is not None:
-      state._value = self.view(state, base)
+    if is_static_value(base):
+      self.static_reads[state] = base
+    else:
+      self.reads[state] = None
+      if self.view is not None:
+        state._value = self.view(state, base)
     return state._value
 
   def write(self, state: 'State', value: Any) -> None:

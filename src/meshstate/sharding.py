@@ -98,13 +98,12 @@ def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
 
 def _named_states(obj: Any) -> list[tuple[str, State]]:
   from meshstate.nn import Module
-  from meshstate.transform import StatefulMapping
   if isinstance(obj, State):
     return [('', obj)]
   if isinstance(obj, Module):
     return [('.'.join(map(str, p)), s) for p, s in obj.states().items()]
-  if isinstance(obj, StatefulMapping):
-    paths = obj._paths()
+  if hasattr(obj, 'touched_states') and hasattr(obj, 'state_paths'):   # a mapping
+    paths = obj.state_paths()
     return [('.'.join(map(str, paths[s])) if s in paths else f'<{type(s).__name__} {i}>', s)
             for i, s in enumerate(obj.touched_states())]
   if isinstance(obj, dict):
@@ -160,10 +159,10 @@ def describe(obj: Any, check_values: bool = False) -> StateTable:
 
 @dataclasses.dataclass
 class Explanation:
-  """What a mapped call hands to `jax.shard_map`, and the equivalent hand-written program.
+  """What a mapped call runs, as text and as a hand-written program.
 
-  `str()` is the text; `code` is the hand-written program, which runs with
-  `exec(code, namespace)` and leaves its result in `namespace['result']`.
+  `str()` (and the REPL or notebook display) is the text; `code` is the hand-written program,
+  which runs with `exec(code, namespace)` and leaves its result in `namespace['result']`.
   """
   text: str
   code: str
@@ -171,54 +170,92 @@ class Explanation:
   mesh: Any
   in_specs: tuple
   out_specs: tuple
+  check_vma: bool = False
 
   def __str__(self) -> str:
     return self.text
 
+  __repr__ = __str__
+
+  def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+    printer.text(self.text)
+
   def run(self) -> Any:
-    """Execute `code` in (a copy of) `namespace` and return its `result`."""
+    """Execute `code` in (a copy of) `namespace`: the call's outputs, with its states written."""
     namespace = dict(self.namespace)
     exec(self.code, namespace)
     return namespace['result']
 
 
-def explain_entry(mapping: Any, entry: Any, leaves: list, vals: list) -> Explanation:
-  """Build the `Explanation` of one cache entry of a `pmap2`/`shard_map` mapping."""
-  from meshstate.transform._engine import _arg_name
-  mapper = mapping._mapper
-  layout = entry.layout
-  mesh, manual, in_specs, out_specs = mapper.mesh_and_specs(layout)
-  paths = mapping._paths()
-  state_name = lambda s: (f'state {".".join(map(str, paths[s]))}' if s in paths  # noqa: E731
-                          else f'state <{type(s).__name__}>')
-  treedef_paths = jax.tree_util.tree_flatten_with_path(layout.treedef.unflatten(leaves))[0]
-  in_names = [_arg_name(p) for p, _ in treedef_paths]
-  in_names += [state_name(s) for s in entry.in_states]
-  out_names = [f'out {i}' for i in range(entry.n_out)] + [state_name(s) for s in entry.out_states]
-  in_avals = [jax.tree.map(jax.typeof, v) for v in (*leaves, *vals)]
-  width = max(map(len, in_names + out_names)) + 2
-  lines = [f'mesh: {dict(mesh.shape)} (axis types {tuple(t.name for t in mesh.axis_types)}), '
-           f'manual axes: {sorted(manual)}', 'in_specs (arguments, then states read):']
-  lines += [f'  {n.ljust(width)}{format_spec(s).ljust(24)}{a}'
-            for n, s, a in zip(in_names, in_specs, in_avals)]
-  lines.append('out_specs (outputs, then states written):')
-  lines += [f'  {n.ljust(width)}{format_spec(s)}' for n, s in zip(out_names, out_specs)]
-  fmt = lambda specs: '(' + ''.join(format_spec(s) + ', ' for s in specs) + ')'  # noqa: E731
-  code = '\n'.join([
-      'program = jax.jit(jax.shard_map(',
+def _tuple_text(items: Iterable[str]) -> str:
+  return '(' + ''.join(f'{x}, ' for x in items) + ')'
+
+
+def _program_code(plan: Any) -> list[str]:
+  """The lines that build `program` the way the engine built `plan.fn`."""
+  donate = f', donate_argnums={plan.donate}' if plan.donate else ''
+  pinned = any(s is not None for s in plan.out_shardings)
+  if plan.kind == 'vmap':
+    return [
+        'mapped = jax.vmap(',
+        '    block_fn,',
+        f'    in_axes={tuple(plan.in_layouts)!r},',
+        f'    out_axes={tuple(plan.out_layouts)!r},',
+        f'    axis_name={plan.axis_name!r}, axis_size={plan.size},',
+        f'    spmd_axis_name={plan.spmd_axis_name!r})',
+        '# lanes are split over the devices of `mesh`; in/out_shardings put them there',
+        'program = jax.jit(lambda *slots: pin(mapped(*pin(slots, in_shardings)), out_shardings)'
+        f'{donate})',
+    ]
+  lines = [
+      'mapped = jax.shard_map(',
       '    block_fn, mesh=mesh,',
-      f'    in_specs={fmt(in_specs)},',
-      f'    out_specs={fmt(out_specs)},',
-      f'    axis_names={set(manual)!r}, check_vma=True))',
+      f'    in_specs={_tuple_text(map(format_spec, plan.in_specs))},',
+      f'    out_specs={_tuple_text(map(format_spec, plan.out_specs))},',
+      f'    axis_names={set(plan.manual)!r}, check_vma={plan.check_vma})',
+  ]
+  call = 'mapped(*slots)'
+  if plan.fit is not None:
+    lines.append('# Explicit-axis mesh: inputs are first resharded to in_specs on the manual axes')
+    call = 'mapped(*fit(*slots))'
+  if pinned:
+    lines.append('# written states keep their layout over the other mesh axes: out_shardings')
+    call = f'pin({call}, out_shardings)'
+  return lines + [f'program = jax.jit(lambda *slots: {call}{donate})']
+
+
+def explain_plan(plan: Any, leaves: list, vals: list, in_names: list[str],
+                 out_names: list[str]) -> Explanation:
+  """The `Explanation` of one `Plan` of a mesh mapping, for these argument leaves and states."""
+  from meshstate.transform._mappers import constrain
+  mesh = plan.mesh
+  in_avals = [jax.tree.map(jax.typeof, v) for v in (*leaves, *vals)]
+  width = max(map(len, in_names + out_names), default=0) + 2
+  in_layouts = plan.in_specs if plan.kind == 'shard_map' else plan.in_shardings
+  out_layouts = plan.out_specs if plan.kind == 'shard_map' else plan.out_shardings
+  text = lambda x: format_spec(getattr(x, 'spec', x))  # noqa: E731
+  lines = [f'mesh: {dict(mesh.shape)} (axis types {tuple(t.name for t in mesh.axis_types)}), '
+           f'manual axes: {sorted(plan.manual)}, check_vma={plan.check_vma}',
+           'in_specs (arguments, then states read):']
+  lines += [f'  {n.ljust(width)}{text(s).ljust(24)}{a}'
+            for n, s, a in zip(in_names, in_layouts, in_avals)]
+  lines.append('out_specs (outputs, then states written):')
+  lines += [f'  {n.ljust(width)}{text(s)}' for n, s in zip(out_names, out_layouts)]
+  code = _program_code(plan) + [
       'outs = program(*arg_leaves, *[s.value for s in states_read])',
       'for s, v in zip(states_written, outs[n_out:]):',
       '  s.value = v',
-      'result = out_tree.unflatten(outs[:n_out])',
-  ])
+  ]
+  if plan.static_writes:
+    code += ['for s, v in static_writes:   # states set to Python values', '  s.value = v']
+  code.append('result = out_tree.unflatten(outs[:n_out])')
   lines += ['equivalent hand-written program (block_fn: the function on per-device blocks):',
-            *('  ' + c for c in code.splitlines())]
+            *('  ' + c for c in code)]
   namespace = {'jax': jax, 'P': jax.sharding.PartitionSpec, 'mesh': mesh,
-               'block_fn': mapper.block_fn(layout.program, layout), 'arg_leaves': list(leaves),
-               'states_read': list(entry.in_states), 'states_written': list(entry.out_states),
-               'n_out': entry.n_out, 'out_tree': entry.out_tree}
-  return Explanation('\n'.join(lines), code, namespace, mesh, in_specs, out_specs)
+               'block_fn': plan.block_fn, 'fit': plan.fit, 'pin': constrain,
+               'in_shardings': plan.in_shardings, 'out_shardings': plan.out_shardings,
+               'arg_leaves': list(leaves), 'states_read': list(plan.in_states),
+               'states_written': list(plan.out_states), 'static_writes': plan.static_writes,
+               'n_out': plan.n_out, 'out_tree': plan.out_tree}
+  return Explanation('\n'.join(lines), '\n'.join(code), namespace, mesh, tuple(in_layouts),
+                     tuple(out_layouts), plan.check_vma)

@@ -106,16 +106,21 @@ def normalize_argnums(argnums: int | Sequence[int], argname: str) -> tuple[int, 
   return out
 
 
-def link_static(fun: Callable, argnums: tuple[int, ...],
-                argnames: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-  """Static positions and names that also cover the other spelling, as `jax.jit` does."""
+def positional_names(fun: Callable) -> list[str | None]:
+  """Per positional parameter of `fun`, its name when it may also be passed by keyword."""
   try:
     params = list(inspect.signature(fun).parameters.values())
   except (TypeError, ValueError):
-    return argnums, argnames
+    return []
   kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
-  both = [p.name if p.kind in kinds else None for p in params
+  return [p.name if p.kind in kinds else None for p in params
           if p.kind in (*kinds, inspect.Parameter.POSITIONAL_ONLY)]
+
+
+def link_static(fun: Callable, argnums: tuple[int, ...],
+                argnames: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """Static positions and names that also cover the other spelling, as `jax.jit` does."""
+  both = positional_names(fun)
   names = argnames + tuple(both[i] for i in argnums
                            if -len(both) <= i < len(both) and both[i] is not None
                            and both[i] not in argnames)

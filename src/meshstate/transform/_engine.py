@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import operator
 import os
 import sys
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._errors import BatchAxisError
 from meshstate._state import Frame, State, StateTraceError, _local
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
+from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key
-from meshstate.transform._trace import discover, lane_key, lane_slice, placeholder, vary
+from meshstate.transform._plan import Plan
 
 __all__ = ['StatefulMapping', 'Layout']
 
@@ -56,28 +60,40 @@ class Layout:
   out_shardings: list = dataclasses.field(default_factory=list)
   in_states: list = dataclasses.field(default_factory=list)
   out_states: list = dataclasses.field(default_factory=list)
-  program: Callable | None = None   # the pure function of lane slots that gets mapped
+  static_reads: dict = dataclasses.field(default_factory=dict)
+  static_writes: dict = dataclasses.field(default_factory=dict)
 
 
 class _Entry:
-  """One traced program: the states it carries and the callable that runs it."""
-  __slots__ = ('in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn', 'layout',
-               'stable', 'rewrites_all', 'single_out')
+  """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
+  __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
+               'stable', 'rewrites_all', 'single_out', 'static_reads', 'static_writes')
 
-  def __init__(self, layout, sig, last, fn):
-    self.in_states, self.out_states = layout.in_states, layout.out_states
-    self.n_out, self.out_tree = layout.n_out, layout.out_tree
-    self.rewrites_all = layout.in_states == layout.out_states   # then new values = inputs next
-    self.single_out = layout.out_tree.num_nodes == 1 and layout.out_tree.num_leaves == 1
-    self.sig, self.last, self.fn, self.layout = sig, last, fn, layout
+  def __init__(self, plan: Plan, sig, last):
+    self.plan, self.fn = plan, plan.fn
+    self.in_states, self.out_states = list(plan.in_states), list(plan.out_states)
+    self.n_out, self.out_tree = plan.n_out, plan.out_tree
+    self.static_reads, self.static_writes = plan.static_reads, plan.static_writes
+    self.rewrites_all = self.in_states == self.out_states   # then new values = inputs next
+    self.single_out = plan.out_tree.num_nodes == 1 and plan.out_tree.num_leaves == 1
+    self.sig, self.last = sig, last
     self.stable = None  # whether a call leaves the states with the signature it was traced for
+
+  def statics_hold(self) -> bool:
+    """Whether every Python-valued state read still holds the value this entry was traced for."""
+    return all(_same(s._value, v) for s, v in self.static_reads)
+
+
+def _same(a: Any, b: Any) -> bool:
+  if a is b:
+    return True
+  try:
+    return type(a) is type(b) and bool(a == b)
+  except Exception:   # values without a plain truth value compare by identity only
+    return False
 
 
 _STALE = object()  # in `entry.last`: never the current value, forces a signature check
-try:
-  from jax._src.array import ArrayImpl as _ArrayImpl   # concrete arrays: no tracer check needed
-except ImportError:  # pragma: no cover - layout of jax's internals changed
-  _ArrayImpl = None
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 
@@ -111,6 +127,13 @@ def _module_of(fun: Any) -> Module | None:
   return owner if isinstance(owner, Module) else None
 
 
+def state_label(state: State, paths: dict) -> str:
+  """How messages name a state: its path in the module, else its `name=`, else its type."""
+  if state in paths:
+    return '.'.join(map(str, paths[state]))
+  return state._name if state._name else f'<{type(state).__name__}>'
+
+
 def _arg_name(path) -> str:
   kind, *rest = path
   key = jax.tree_util.keystr(tuple(rest))
@@ -142,8 +165,10 @@ class StatefulMapping:
                unexpected_out_state_mapping: str = 'auto', axis_size: int | None = None,
                axis_name: Any = None, name: str | None = None,
                mapping_fn: Callable | Mapper = jax.vmap,
-               static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
-               donate_argnums: int | Sequence[int] = (), donate_states: bool = False):
+               static_argnums: int | Sequence[int] | None = (),
+               static_argnames: str | Sequence[str] | None = (),
+               donate_argnums: int | Sequence[int] = (), donate_states: bool = False,
+               static_argname: str = 'static_argnums'):
     if not callable(fun):
       raise TypeError(f'StatefulMapping needs a callable, got {type(fun).__name__}.')
     if unexpected_out_state_mapping not in _POLICIES:
@@ -168,9 +193,13 @@ class StatefulMapping:
     else:
       self._mapper = CustomMapper(mapping_fn)
     self._name = axis_name if axis_name is not None else f'_meshstate_axis{next(_names)}'
-    self._static, self._static_names = _axes.link_static(
-        fun, _axes.normalize_argnums(static_argnums, 'static_argnums'),
-        (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames))
+    static_argnums = _axes.normalize_argnums(
+        () if static_argnums is None else static_argnums, static_argname)
+    static_argnames = ((static_argnames,) if isinstance(static_argnames, str)
+                       else tuple(static_argnames or ()))
+    self.static_argnums, self.static_argnames = static_argnums, static_argnames
+    self._static_argname = static_argname
+    self._static, self._static_names = _axes.link_static(fun, static_argnums, static_argnames)
     self._donate = _axes.normalize_argnums(donate_argnums, 'donate_argnums')
     overlap = set(self._static) & set(self._donate)
     if overlap:
@@ -182,6 +211,34 @@ class StatefulMapping:
     self._flat: dict[tuple, list[_Entry]] = {}   # the same entry lists, keyed by avals alone
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
+    self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    functools.update_wrapper(self, fun, updated=())
+
+  def __get__(self, obj: Any, objtype: Any = None) -> 'StatefulMapping':
+    """Used as a method decorator: the mapping of the method bound to `obj` (one per object)."""
+    if obj is None:
+      return self
+    try:
+      return self._bound[obj]
+    except (KeyError, TypeError):
+      pass
+    bound = self._rebound(self.origin_fun.__get__(obj, objtype))
+    try:
+      self._bound[obj] = bound
+    except TypeError:   # not weakly referenceable: bind afresh each time
+      pass
+    return bound
+
+  def _rebound(self, fun: Callable) -> 'StatefulMapping':
+    """A copy of this mapping (same configuration, empty caches) of another function."""
+    new = object.__new__(type(self))
+    new.__dict__.update(self.__dict__)
+    new.origin_fun = new.__wrapped__ = fun
+    new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
+    new._bound = weakref.WeakKeyDictionary()
+    if hasattr(self._mapper, 'fresh'):
+      new._mapper = self._mapper.fresh()
+    return new
 
   # -- the per-call hot path -------------------------------------------------------------------
 
@@ -196,7 +253,8 @@ class StatefulMapping:
       if entries:
         entry, leaves = entries[-1], args
         vals = list(map(_get_value, entry.in_states))
-        if not all(map(operator.is_, vals, entry.last)):
+        if not all(map(operator.is_, vals, entry.last)) or (
+            entry.static_reads and not entry.statics_hold()):
           entry = None
     if entry is None:
       if _local.stack:
@@ -215,6 +273,8 @@ class StatefulMapping:
             f'Use meshstate.transform.jit instead of jax.jit around it.')
       collections.deque(map(_set_value, entry.out_states, new), maxlen=0)
       last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
+    for state, value in entry.static_writes:
+      state._value = value
     if entry.stable:
       entry.last = last
     else:
@@ -248,6 +308,8 @@ class StatefulMapping:
       args, kwargs, static = self._split_static(args, kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     key = (treedef, self._avals(args, kwargs, leaves), static)
+    if self._mapper.follows_context:   # shard_map without mesh=: the context mesh of this call
+      key += (self._mapper.user_mesh,)
     if _local.stack:   # traced inside another transform: the program depends on which one
       key += (context_key(),)
     return key, leaves, treedef, args, kwargs, static
@@ -258,7 +320,7 @@ class StatefulMapping:
     vals = [s.value for s in entry.in_states]
     outs = entry.fn(*leaves, *vals)
     n = entry.n_out
-    for state, value in zip(entry.out_states, outs[n:]):
+    for state, value in (*zip(entry.out_states, outs[n:]), *entry.static_writes):
       state.value = value
     return entry.out_tree.unflatten(outs[:n])
 
@@ -290,6 +352,8 @@ class StatefulMapping:
   def _match(self, entries: Sequence[_Entry]) -> _Entry | None:
     """The newest entry traced for the current signature of its states, if any."""
     for entry in reversed(entries):
+      if not all(_same(s.value, v) for s, v in entry.static_reads):
+        continue
       vals = [s.value for s in entry.in_states]   # through enclosing trace frames, if any
       if all(map(operator.is_, vals, entry.last)) or tuple(map(self._sig, vals)) == entry.sig:
         return entry
@@ -298,6 +362,11 @@ class StatefulMapping:
   # -- signature helpers -----------------------------------------------------------------------
 
   def _split_static(self, args: tuple, kwargs: dict):
+    for i in self.static_argnums:
+      if not -len(args) <= i < len(args) and i not in self._static_by_keyword(kwargs):
+        raise ValueError(f'{self._static_argname} contains {i}, but {self.name} was called with '
+                         f'{len(args)} positional argument{"s" * (len(args) != 1)}; it must '
+                         f'be in range [{-len(args)}, {len(args)}).')
     args, static = _axes.split_static(args, self._static)
     if self._static_names:
       named = tuple((k, kwargs[k]) for k in self._static_names if k in kwargs)
@@ -310,6 +379,14 @@ class StatefulMapping:
       kwargs = {k: v for k, v in kwargs.items() if k not in self._static_names}
       static = static + named
     return args, kwargs, static
+
+  def _static_by_keyword(self, kwargs: dict) -> set[int]:
+    """Static positions whose parameter was passed by keyword (linked like `jax.jit`)."""
+    if not kwargs:
+      return set()
+    names = _axes.positional_names(self.origin_fun)
+    return {i for i in self.static_argnums if -len(names) <= i < len(names)
+            and names[i] in kwargs}
 
   @staticmethod
   def _with_static(args: tuple, kwargs: dict, static: tuple):
@@ -370,7 +447,7 @@ class StatefulMapping:
       return placeholder(base)
 
     try:
-      discover(lambda probe: jax.eval_shape(probe, *leaves), body, view, None)
+      discover(lambda probe: _eval_shape(probe, leaves), body, view)
     except Found as found:
       layout.sources = [found.args[0]]
       return _axes.mapped_size(layout.sources, self.axis_size)
@@ -406,8 +483,8 @@ class StatefulMapping:
     out_avals = disc.out_tree.unflatten(disc.out_avals)
     axes = _axes.leaf_axes(self.out_axes, out_avals, 'out_axes', 'output', extra=1)
     flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
-    for (path, _), axis, v in zip(flat, axes, disc.out_varies):
-      if axis is None and v:
+    for (path, _), axis, vma in zip(flat, axes, disc.out_vma):
+      if axis is None and layout.name in vma:
         raise ValueError(f'out_axes is None for output{jax.tree_util.keystr(path)}, but its '
                          f'value differs across the mapped axis {layout.name!r}; map it (e.g. '
                          f'out_axes=0) or reduce it with a collective first.')
@@ -419,7 +496,7 @@ class StatefulMapping:
     if declared is not None:
       return _axes.check_axis(declared, disc.write_ndim[state], f'state_out_axes for {what}',
                               (), extra=1)
-    if not disc.write_varies[state]:
+    if self._name not in disc.write_vma[state]:
       return None
     if in_axis is not None:
       return in_axis
@@ -443,7 +520,7 @@ class StatefulMapping:
       return {}
     more = {}
     for s in disc.writes:
-      if (s in disc.reads and disc.write_varies[s] and s not in fed
+      if (s in disc.reads and layout.name in disc.write_vma[s] and s not in fed
           and not isinstance(s, RandomState)
           and self._first(self.state_out_axes, s, paths) is None
           and self._first(self.state_in_axes, s, paths) is None):
@@ -494,8 +571,7 @@ class StatefulMapping:
         return self._view(state, base, layout, paths, fed)
     while True:
       try:
-        disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view,
-                        layout.name)
+        disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view)
       except NeedAxis as need:   # a nested pmap2 asked this one's mesh for its axis
         if need.asker is mapper or not hasattr(mapper, 'add_axis'):
           raise
@@ -508,7 +584,7 @@ class StatefulMapping:
 
     in_states = disc.reads
     random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
-    out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_varies]
+    out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_vma]
     state_in = [None if s in random_in else self._layout_state_in(s, paths, fed)
                 for s in in_states]
     state_in = [self._check_state_in(s, a, paths) for s, a in zip(in_states, state_in)]
@@ -521,14 +597,14 @@ class StatefulMapping:
     layout.slot_axes += state_in
     layout.out_slot_axes = list(out_axes) + state_out
     layout.in_states, layout.out_states = in_states, out_states
+    layout.static_reads, layout.static_writes = disc.static_reads, disc.static_writes
 
     vals = self._placed(in_states, layout) if not _local.stack else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
-    program = layout.program = self._program(body, random_in, layout)
+    program = self._program(body, random_in, layout, disc.out_avals)
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
-    fn = mapper.build(program, layout, donate)
-    entry = _Entry(layout, tuple(map(self._sig, vals)), vals, fn)
+    entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals)
     self._cache.setdefault(key, []).append(entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
@@ -579,7 +655,8 @@ class StatefulMapping:
       kept.append(mapper.keep(value, in_layout.get(state), out, layout) if same else None)
     return kept
 
-  def _program(self, body: Callable, random_in: list, layout: Layout) -> Callable:
+  def _program(self, body: Callable, random_in: list, layout: Layout,
+               out_avals: list) -> Callable:
     names, n_leaves = self._lane_names(layout), layout.n_leaves
     in_states, out_states = layout.in_states, layout.out_states
     in_set, random_set = set(in_states), set(random_in)
@@ -598,7 +675,10 @@ class StatefulMapping:
         raise RuntimeError(f'{self.name} read {len(stray)} state(s) on its second trace that its '
                            f'first trace did not; state access must not depend on values.')
       out_leaves, tree = jax.tree.flatten(out)
-      if tree != layout.out_tree:
+      # Compare what the program returns, not the static parts of its containers: those may be
+      # new objects on every trace (a flax TrainState's apply_fn and optimizer, for instance).
+      if [(a.shape, a.dtype) for a in map(jax.typeof, out_leaves)] != [
+          (a.shape, a.dtype) for a in out_avals]:
         raise RuntimeError(f'{self.name} returned {tree} on its second trace, {layout.out_tree} '
                            f'on its first.')
       return (*out_leaves, *(jax.tree.map(jnp.asarray, v) for v in new))
@@ -622,11 +702,11 @@ class StatefulMapping:
   # -- introspection ---------------------------------------------------------------------------
 
   def explain(self, *args, **kwargs):
-    """The mesh, the in/out specs and the hand-written `jax.shard_map` program for these args.
+    """The mesh, the in/out specs and the hand-written program that this call runs.
 
-    Traces (without running) when the signature is new; returns a
-    `meshstate.sharding.Explanation` whose `str()` is the text and whose `run()` executes the
-    hand-written program.
+    Traces (without running) when the signature is new, and reads the `Plan` the engine runs:
+    the returned `meshstate.sharding.Explanation` shows as its text, and its `run()` executes
+    the hand-written program, giving the call's outputs and states.
 
     Example:
       >>> import jax, jax.numpy as jnp, meshstate
@@ -634,12 +714,18 @@ class StatefulMapping:
       >>> print(str(f.explain(jnp.ones(2))).splitlines()[1])
       in_specs (arguments, then states read):
     """
-    from meshstate.sharding import explain_entry
-    from meshstate.transform._mesh import _ShardMapMapper
-    if not isinstance(self._mapper, _ShardMapMapper):
-      raise TypeError(f'explain shows the shard_map program of pmap2 and shard_map; '
-                      f'{self.name} maps with {type(self._mapper).__name__}.')
-    return explain_entry(self, *self._entry(args, kwargs))
+    from meshstate.sharding import explain_plan
+    entry, leaves, vals = self._entry(args, kwargs)
+    plan = entry.plan
+    if plan.mesh is None:
+      raise TypeError(f'explain shows the mesh program of pmap2 and shard_map; {self.name} '
+                      f'runs a {plan.kind} program without a mesh.')
+    paths = self.state_paths()
+    label = lambda s: f'state {state_label(s, paths)}'  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(plan.treedef.unflatten(leaves))[0]
+    in_names = [_arg_name(p) for p, _ in flat] + [label(s) for s in plan.in_states]
+    out_names = [f'out {i}' for i in range(plan.n_out)] + [label(s) for s in plan.out_states]
+    return explain_plan(plan, leaves, vals, in_names, out_names)
 
   def lower(self, *args, **kwargs):
     """JAX's `Lowered` program for these arguments (read its HLO with `.as_text()`).
@@ -655,6 +741,10 @@ class StatefulMapping:
       raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')
     return entry.fn.lower(*leaves, *vals)
 
+  def state_paths(self) -> dict[State, tuple]:
+    """Each state's path inside the mapped Module (empty when the function is not a Module's)."""
+    return self._paths()
+
   def touched_states(self) -> list[State]:
     """The states this mapping has read or written so far, first touch first."""
     return list(self._touched)
@@ -662,6 +752,11 @@ class StatefulMapping:
   def __repr__(self) -> str:
     return (f'StatefulMapping({self.name}, in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, '
             f'axis_name={self.axis_name!r})')
+
+
+def _eval_shape(probe: Callable, leaves: list) -> None:
+  """Trace `probe` without any mapped axis (no jaxpr to analyse: nothing varies)."""
+  jax.eval_shape(probe, *leaves)
 
 
 def _lane_shape(value: Any, axis: Any) -> tuple | None:

@@ -14,20 +14,20 @@ from meshstate.transform._mesh import MeshMapper
 __all__ = ['pmap2', 'vmap2']
 
 
-def pmap2(fn: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0,
+def pmap2(fun: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0,
           out_axes: Any = 0, static_broadcasted_argnums: int | Sequence[int] = (),
           devices: Sequence[Any] | None = None, backend: str | None = None,
           axis_size: int | None = None, donate_argnums: int | Sequence[int] = (),
           state_in_axes: Any = None, state_out_axes: Any = None,
           unexpected_out_state_mapping: str = 'auto', mesh: Mesh | None = None,
           donate_states: bool = False) -> StatefulMapping | Callable:
-  """Map `fn` over devices like `jax.pmap`, carrying the `State`s it reads and writes.
+  """Map `fun` over devices like `jax.pmap`, carrying the `State`s it reads and writes.
 
   Runs as one `jax.jit(jax.shard_map(...))` over a 1-D mesh of the chosen devices; after a
   call every written state holds a `jax.Array` sharded on that mesh. With `mesh=`, maps over
   the axis `axis_name` of that (multi-axis) mesh, and states sharded over its other axes keep
   that layout. `donate_states=True` donates the buffers of states the call rewrites. Without
-  `fn`, returns a decorator.
+  `fun`, returns a decorator.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate
@@ -47,27 +47,28 @@ def pmap2(fn: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 0
                 state_in_axes=state_in_axes, state_out_axes=state_out_axes,
                 unexpected_out_state_mapping=unexpected_out_state_mapping, mesh=mesh,
                 donate_states=donate_states)
-  if fn is None:
+  if fun is None:
     return functools.partial(pmap2, **kwargs)
   if mesh is not None and axis_name is None:
     raise ValueError(f'pmap2(mesh=...) needs axis_name= naming one of the mesh axes '
                      f'{tuple(mesh.axis_names)}.')
-  return StatefulMapping(fn, in_axes=in_axes, out_axes=out_axes, state_in_axes=state_in_axes,
+  return StatefulMapping(fun, in_axes=in_axes, out_axes=out_axes, state_in_axes=state_in_axes,
                          state_out_axes=state_out_axes,
                          unexpected_out_state_mapping=unexpected_out_state_mapping,
                          axis_size=axis_size, axis_name=axis_name,
                          mapping_fn=MeshMapper(devices, backend, mesh),
                          static_argnums=static_broadcasted_argnums,
+                         static_argname='static_broadcasted_argnums',
                          donate_argnums=donate_argnums, donate_states=donate_states)
 
 
-def vmap2(fn: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
+def vmap2(fun: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
           axis_name: Any = None, axis_size: int | None = None, spmd_axis_name: Any = None,
           state_in_axes: Any = None,
           state_out_axes: Any = None, unexpected_out_state_mapping: str = 'auto',
           static_argnums: int | Sequence[int] = (),
           static_argnames: str | Sequence[str] = ()) -> StatefulMapping | Callable:
-  """Vectorise `fn` like `jax.vmap`, carrying the `State`s it reads and writes.
+  """Vectorise `fun` like `jax.vmap`, carrying the `State`s it reads and writes.
 
   Takes `jax.vmap`'s arguments (`spmd_axis_name` included) plus the three state arguments of
   `pmap2`; compiled once per call signature with `jax.jit`.
@@ -83,7 +84,7 @@ def vmap2(fn: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
                 state_in_axes=state_in_axes, state_out_axes=state_out_axes,
                 unexpected_out_state_mapping=unexpected_out_state_mapping,
                 static_argnums=static_argnums, static_argnames=static_argnames)
-  if fn is None:
+  if fun is None:
     return functools.partial(vmap2, spmd_axis_name=spmd_axis_name, **kwargs)
   mapping_fn = jax.vmap if spmd_axis_name is None else VmapMapper(spmd_axis_name)
-  return StatefulMapping(fn, mapping_fn=mapping_fn, **kwargs)
+  return StatefulMapping(fun, mapping_fn=mapping_fn, **kwargs)

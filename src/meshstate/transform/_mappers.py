@@ -1,9 +1,9 @@
-"""Mappers: how an entry's program is traced (discovery) and run, for vmap, jit and user maps.
+"""Mappers: how an entry's program is traced (discovery) and planned, for vmap, jit and user maps.
 
-A mapper turns `body(*lane_slots) -> out_slots` into one callable over global slots. A *slot* is
-one positional value of the program: an argument leaf or a state's value (a pytree). The
-layout (`_engine.Layout`) gives each slot its mapped axis, or None. Mappers also trace a probe
-abstractly (no compile) for discovery, through the same mapping that will run it. The
+A mapper turns `body(*lane_slots) -> out_slots` into a `Plan` whose program runs over global
+slots. A *slot* is one positional value of the program: an argument leaf or a state's value (a
+pytree). The layout (`_engine.Layout`) gives each slot its mapped axis, or None. Mappers also
+trace a probe abstractly (no compile) for discovery, on the values one lane sees. The
 `Mesh` + `shard_map` mappers live in `_mesh.py`.
 """
 from __future__ import annotations
@@ -12,7 +12,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'vmap_trace']
+from meshstate.transform._discover import Traced, lane_aval, trace_lanes
+from meshstate.transform._plan import Plan
+
+__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'trace_mapped']
 
 
 def _pin(value: Any, sharding: Any) -> Any:
@@ -31,30 +34,50 @@ def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
   return tuple(map(_pin, outs, shardings))
 
 
+def _drop(shape: tuple, axis: int | None) -> tuple:
+  return shape if axis is None else shape[:axis] + shape[axis + 1:]
+
+
+def trace_mapped(probe: Callable, slots: Sequence[Any], layout: Any) -> Traced:
+  """Discovery for one mapped axis: trace on one lane's values with the axis bound."""
+  avals = [lane_aval(x, _drop(jax.typeof(x).shape, a)) for x, a in zip(slots, layout.slot_axes)]
+  in_axes = [frozenset() if a is None else frozenset({layout.name}) for a in layout.slot_axes]
+  return trace_lanes(probe, avals, in_axes, [(layout.name, layout.size)])
+
+
 class Mapper:
-  """Strategy of a `StatefulMapping`: how to trace (discovery) and run (program) its body."""
+  """Strategy of a `StatefulMapping`: how to trace (discovery) and plan (program) its body."""
   mapped = True        # False for plain jit: no axis, nothing varies, random keys are not split
   keeps_layout = False  # True when written states are pinned to the layout they came in with
+  follows_context = False   # True when the mesh is the context mesh of each call
 
   def slot_shardings(self, layout: Any) -> list | None:
     """Where the program wants each input slot; states are placed there once."""
     return None
 
-  def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> None:
+  def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> Traced | None:
+    """Trace `probe` abstractly; return its jaxpr to analyse (None: typed by `shard_map`)."""
+    return trace_mapped(probe, slots, layout)
+
+  def plan(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Plan:
     raise NotImplementedError
 
-  def build(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Callable:
-    raise NotImplementedError
+
+def plan_of(layout: Any, kind: str, fn: Callable, block_fn: Callable, donate: tuple,
+            **extra: Any) -> Plan:
+  """The frozen `Plan` of a finished layout."""
+  return Plan(kind=kind, fn=fn, block_fn=block_fn, axis_name=layout.name, size=layout.size,
+              treedef=layout.treedef, n_leaves=layout.n_leaves,
+              in_states=tuple(layout.in_states), out_states=tuple(layout.out_states),
+              static_reads=tuple(layout.static_reads.items()),
+              static_writes=tuple(layout.static_writes.items()),
+              in_layouts=tuple(layout.slot_axes), out_layouts=tuple(layout.out_slot_axes),
+              out_tree=layout.out_tree, n_out=layout.n_out, donate=tuple(donate), **extra)
 
 
-def _vmap(fn: Callable, layout: Any, out_axes: Any, spmd_axis_name: Any = None) -> Callable:
-  return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=out_axes,
+def vmapped(fn: Callable, layout: Any, spmd_axis_name: Any = None) -> Callable:
+  return jax.vmap(fn, in_axes=tuple(layout.slot_axes), out_axes=tuple(layout.out_slot_axes),
                   axis_name=layout.name, axis_size=layout.size, spmd_axis_name=spmd_axis_name)
-
-
-def vmap_trace(probe: Callable, slots: Sequence[Any], layout: Any) -> None:
-  """Discovery under `jax.vmap`: written values' batching says whether they vary."""
-  jax.eval_shape(_vmap(probe, layout, None), *slots)
 
 
 class VmapMapper(Mapper):
@@ -63,12 +86,9 @@ class VmapMapper(Mapper):
   def __init__(self, spmd_axis_name: Any = None):
     self.spmd_axis_name = spmd_axis_name
 
-  def trace(self, probe, slots, layout):
-    vmap_trace(probe, slots, layout)
-
-  def build(self, body, layout, donate):
-    return jax.jit(_vmap(body, layout, tuple(layout.out_slot_axes), self.spmd_axis_name),
-                   donate_argnums=donate)
+  def plan(self, body, layout, donate):
+    fn = jax.jit(vmapped(body, layout, self.spmd_axis_name), donate_argnums=donate)
+    return plan_of(layout, 'vmap', fn, body, donate, spmd_axis_name=self.spmd_axis_name)
 
 
 class JitMapper(Mapper):
@@ -78,28 +98,29 @@ class JitMapper(Mapper):
 
   def trace(self, probe, slots, layout):
     jax.eval_shape(probe, *slots)
+    return None
 
-  def build(self, body, layout, donate):
-    return jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),
-                   donate_argnums=donate)
+  def plan(self, body, layout, donate):
+    fn = jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),
+                 donate_argnums=donate)
+    return plan_of(layout, 'jit', fn, body, donate, out_shardings=tuple(layout.out_shardings))
 
   def keep(self, value: Any, in_axis: None, out_axis: None, layout: Any) -> Any:
     sharding = getattr(value, 'sharding', None)
     return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
-class CustomMapper(VmapMapper):
+class CustomMapper(Mapper):
   """A user's `mapping_fn`, called like `jax.vmap`/`jax.pmap` on a pure function.
 
   The pure function takes the user's positional arguments first, in their original positions
   (static ones as None), then the list of state values; keyword arguments pass through.
-  Discovery traces with `jax.vmap`, which maps the same way.
   """
 
   def __init__(self, mapping_fn: Callable):
     self.mapping_fn = mapping_fn
 
-  def build(self, body, layout, donate):
+  def plan(self, body, layout, donate):
     n_in, n_out = layout.n_leaves, layout.n_out
 
     def pure(*args, **kwargs):
@@ -116,4 +137,4 @@ class CustomMapper(VmapMapper):
       args, kwargs = layout.treedef.unflatten(slots[:n_in])
       out, states = mapped(*args, list(slots[n_in:]), **kwargs)
       return (*jax.tree.leaves(out), *states)
-    return call
+    return plan_of(layout, 'custom', call, body, donate)

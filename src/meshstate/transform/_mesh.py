@@ -21,9 +21,12 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate.transform._axes import entry_axes, spec_at
-from meshstate.transform._mappers import Mapper, VmapMapper, constrain, vmap_trace
+from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
+                                          vmapped)
+from meshstate.transform._discover import lane_aval, trace_lanes
 
-__all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key']
+__all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key',
+           'spec_axes', 'block_shape']
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,37 +114,52 @@ class _ShardMapMapper(Mapper):
     """`body` (which sees lanes) as a function of the per-device blocks shard_map passes."""
     raise NotImplementedError
 
-  def _shard_map(self, fn, layout, out_specs=None):
-    mesh, manual, in_specs, outs = self.mesh_and_specs(layout)
+  def _inside_fn(self, fn, layout, mesh):
     block = self.block_fn(fn, layout)
 
     def inside(*slots):
       with _inside(mesh):
         return block(*slots)
+    return inside
+
+  def _shard_map(self, block, mesh, manual, in_specs, out_specs):
+    """`(shard_map of block, fit)`: `fit` reshards inputs first on Explicit meshes, else None."""
     # Inside an enclosing meshstate shard_map, JAX wants the context's (partly manual) mesh.
     nested = current_mesh() is mesh
-    mapped = jax.shard_map(inside, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
-                           in_specs=in_specs,
-                           out_specs=outs if out_specs is None else out_specs,
-                           axis_names=manual, check_vma=self.check_vma)
+    mapped = jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
+                           in_specs=in_specs, out_specs=out_specs, axis_names=manual,
+                           check_vma=self.check_vma)
     if nested or AxisType.Explicit not in tuple(mesh.axis_types):
-      return mapped
+      return mapped, None
 
-    def refit(*slots):
-      return mapped(*(jax.tree.map(lambda x, s=s: _fit(x, s, manual, mesh), v)
-                      for v, s in zip(slots, in_specs)))
-    return refit
+    def fit(*slots):
+      return tuple(jax.tree.map(lambda x, s=s: _fit(x, s, manual, mesh), v)
+                   for v, s in zip(slots, in_specs))
+    return mapped, fit
 
-  def trace(self, probe, slots, layout):
+  def trace_blocks(self, probe, slots, layout):
+    """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies."""
+    mesh, manual, in_specs, _ = self.mesh_and_specs(layout)
+
     def returns_nothing(*lanes):
       probe(*lanes)
       return ()
-    jax.eval_shape(self._shard_map(returns_nothing, layout, out_specs=()), *slots)
+    mapped, fit = self._shard_map(self._inside_fn(returns_nothing, layout, mesh), mesh, manual,
+                                  in_specs, ())
+    jax.eval_shape(mapped, *(fit(*slots) if fit else slots))
 
-  def build(self, body, layout, donate):
-    mapped = self._shard_map(body, layout)
-    return jax.jit(lambda *slots: constrain(mapped(*slots), layout.out_shardings),
-                   donate_argnums=donate)
+  def plan(self, body, layout, donate):
+    mesh, manual, in_specs, out_specs = self.mesh_and_specs(layout)
+    block = self._inside_fn(body, layout, mesh)
+    mapped, fit = self._shard_map(block, mesh, manual, in_specs, out_specs)
+    outs = tuple(layout.out_shardings)
+    if fit is None:
+      fn = jax.jit(lambda *slots: constrain(mapped(*slots), outs), donate_argnums=donate)
+    else:
+      fn = jax.jit(lambda *slots: constrain(mapped(*fit(*slots)), outs), donate_argnums=donate)
+    return plan_of(layout, 'shard_map', fn, block, donate, mesh=mesh, manual=manual,
+                   in_specs=in_specs, out_specs=out_specs, check_vma=self.check_vma,
+                   out_shardings=outs, fit=fit)
 
 
 class MeshMapper(_ShardMapMapper):
@@ -150,7 +168,7 @@ class MeshMapper(_ShardMapMapper):
   It keeps `jax.pmap`'s semantics, which are those of `shard_map(check_vma=False)`: an unmapped
   value is a per-device copy, so `jax.grad` with respect to it is per device (not summed over
   devices, as under `check_vma=True`). Whether a written value differs across devices is read
-  from `jax.vmap`'s batching of the same function, the typing that shares those semantics.
+  from the traced program (`_varying.py`).
   """
   check_vma = False
 
@@ -158,7 +176,16 @@ class MeshMapper(_ShardMapMapper):
                mesh: Mesh | None = None):
     if mesh is not None and devices is not None:
       raise ValueError('pmap2 takes devices= or mesh=, not both.')
-    self.devices = None if devices is None else tuple(devices)
+    if devices is not None:
+      devices = tuple(devices)
+      if not devices:
+        raise ValueError('pmap2 was given devices=[]: pass at least one device, or leave '
+                         'devices=None to use all of them.')
+      if len(set(devices)) != len(devices):
+        repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+        raise ValueError(f'pmap2 was given devices= with repeated devices {repeated}; each '
+                         f'device may appear once.')
+    self.devices = devices
     self.backend = backend
     self.user_mesh = mesh
     self.keeps_layout = mesh is not None
@@ -166,32 +193,39 @@ class MeshMapper(_ShardMapMapper):
 
   def lanes_per_device(self, layout) -> int:
     """How many lanes each device runs: 1, or size / devices when there are more lanes."""
-    if self.user_mesh is not None or self.devices is not None or self._inner or \
-        current_mesh() is not None:
+    if self._inner or current_mesh() is not None:
       return 1
-    count = len(jax.local_devices(backend=self.backend))
-    size = layout.size
+    count, size = self._axis_devices(layout.name), layout.size
     return size // count if size > count and size % count == 0 else 1
+
+  def _axis_devices(self, name) -> int:
+    """How many devices the mapped axis can spread over."""
+    if self.user_mesh is not None:
+      return self.user_mesh.shape.get(name, 0)
+    if self.devices is not None:
+      return len(self.devices)
+    return len(jax.local_devices(backend=self.backend))
 
   def trace(self, probe, slots, layout):
     # A pmap2 called in the body finds this mesh in the context and asks for its axis.
     with _inside(self.mesh(layout.size, layout.name), discovering=True):
-      vmap_trace(probe, slots, layout)
+      return trace_mapped(probe, slots, layout)
 
-  def build(self, body, layout, donate):
-    if _discovering():   # nested in a pmap2's discovery, which runs under vmap: so do we
+  def plan(self, body, layout, donate):
+    if _discovering():   # nested in a pmap2's discovery, which traces lanes: so do we
       self.mesh(layout.size, layout.name)   # (and claim our axis of the enclosing mesh)
-      return VmapMapper().build(body, layout, donate)
+      return VmapMapper().plan(body, layout, donate)
     if self.lanes_per_device(layout) == 1:
-      return super().build(body, layout, donate)
+      return super().plan(body, layout, donate)
     # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
     mesh = self.mesh(layout.size, layout.name)
-    ins = self.slot_shardings(layout)
-    outs = [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes]
-    mapped = jax.vmap(body, in_axes=tuple(layout.slot_axes), out_axes=tuple(layout.out_slot_axes),
-                      axis_name=layout.name, axis_size=layout.size, spmd_axis_name=layout.name)
-    return jax.jit(lambda *slots: constrain(mapped(*constrain(slots, ins)), outs),
-                   donate_argnums=donate)
+    ins = tuple(self.slot_shardings(layout))
+    outs = tuple(NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes)
+    mapped = vmapped(body, layout, spmd_axis_name=layout.name)
+    fn = jax.jit(lambda *slots: constrain(mapped(*constrain(slots, ins)), outs),
+                 donate_argnums=donate)
+    return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
+                   out_shardings=outs, spmd_axis_name=layout.name)
 
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
@@ -213,17 +247,22 @@ class MeshMapper(_ShardMapMapper):
       if name not in mesh.axis_names:
         raise ValueError(f'axis_name {name!r} is not an axis of the mesh, whose axes are '
                          f'{dict(mesh.shape)}.')
-      if mesh.shape[name] != size:
+      k = mesh.shape[name]
+      if size != k and (mesh is not self.user_mesh or size < k or size % k):
         raise ValueError(f'The mapped axis has size {size}, but mesh axis {name!r} has size '
-                         f'{mesh.shape[name]} (mesh {dict(mesh.shape)}).')
+                         f'{k} (mesh {dict(mesh.shape)}); map {k} lanes, or a multiple of {k} '
+                         f'(each device then runs several).')
       return mesh
     shape = (size, *self._inner.values())
     need = math.prod(shape)
     if self.devices is not None:
       devices = self.devices
+      if need > len(devices) and not self._inner and need % len(devices) == 0:
+        return mesh_1d(devices, (name,), (len(devices),))   # several lanes per device
       if len(devices) != need:
         raise ValueError(f'pmap2 was given devices= with {len(devices)} devices, but the mapped '
-                         f'axis has size {size}; they must be equal.')
+                         f'axis has size {size}{self._inner_text()}; it must be {len(devices)} '
+                         f'or a multiple of it.')
     else:
       devices = tuple(jax.local_devices(backend=self.backend))
       if need > len(devices) and not self._inner and need % len(devices) == 0:
@@ -266,10 +305,35 @@ class MeshMapper(_ShardMapMapper):
 
 
 class SpecMapper(_ShardMapMapper):
-  """`jax.shard_map` with explicit `PartitionSpec`s per slot, all mesh axes manual."""
+  """`jax.shard_map` with explicit `PartitionSpec`s per slot over the `manual` mesh axes.
 
-  def __init__(self, mesh: Mesh):
-    self.user_mesh = mesh
+  Without a mesh it uses the context mesh (`jax.sharding.set_mesh`) of each call.
+  """
+
+  def __init__(self, mesh: Mesh | None, axis_names: Any = None, check_vma: bool = True):
+    self._mesh = mesh
+    self.follows_context = mesh is None
+    self._axis_names = None if axis_names is None else frozenset(axis_names)
+    self.check_vma = check_vma
+
+  @property
+  def user_mesh(self) -> Mesh:
+    if self._mesh is not None:
+      return self._mesh
+    mesh = jax.sharding.get_mesh()
+    if not isinstance(mesh, Mesh) or not mesh.axis_names:
+      raise ValueError('shard_map was given no mesh= and there is no context mesh; pass mesh=, '
+                       'or call it under `with jax.sharding.set_mesh(mesh):`.')
+    return mesh
+
+  def manual(self, mesh: Mesh) -> frozenset:
+    if self._axis_names is None:
+      return frozenset(mesh.axis_names)
+    unknown = self._axis_names - set(mesh.axis_names)
+    if unknown:
+      raise ValueError(f'shard_map axis_names={sorted(self._axis_names)} names {sorted(unknown)}, '
+                       f'which are not axes of the mesh {dict(mesh.shape)}.')
+    return self._axis_names
 
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)
@@ -278,8 +342,29 @@ class SpecMapper(_ShardMapMapper):
   def mesh_and_specs(self, layout):
     mesh = self.user_mesh
     specs = lambda layouts: tuple(P() if s is None else s for s in layouts)  # noqa: E731
-    return (mesh, frozenset(mesh.axis_names), specs(layout.slot_axes),
-            specs(layout.out_slot_axes))
+    return mesh, self.manual(mesh), specs(layout.slot_axes), specs(layout.out_slot_axes)
 
   def block_fn(self, body, layout):
     return body
+
+  def trace(self, probe, slots, layout):
+    if self.check_vma:
+      self.trace_blocks(probe, slots, layout)
+      return None
+    mesh, manual, in_specs, _ = self.mesh_and_specs(layout)
+    avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
+             for x, spec in zip(slots, in_specs)]
+    in_axes = [frozenset(spec_axes(spec)) for spec in in_specs]
+    with _inside(mesh, discovering=True):
+      return trace_lanes(probe, avals, in_axes, [(a, mesh.shape[a]) for a in sorted(manual)])
+
+
+def spec_axes(spec: P) -> tuple:
+  """The mesh axes a spec names, in order."""
+  return tuple(a for entry in spec for a in entry_axes(entry))
+
+
+def block_shape(shape: tuple, spec: P, mesh: Mesh) -> tuple:
+  """The shape of one device's block of a global `shape` laid out by `spec`."""
+  return tuple(n // math.prod(mesh.shape[a] for a in entry_axes(spec[d])) if d < len(spec) else n
+               for d, n in enumerate(shape))

@@ -13,16 +13,11 @@ from meshstate._state import State
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._engine import Layout, StatefulMapping
-from meshstate.transform._mesh import SpecMapper
-from meshstate.transform._trace import lane_key, placeholder, vary
+from meshstate.transform._mesh import SpecMapper, spec_axes
+from meshstate.transform._discover import lane_key, placeholder, vary
 from meshstate.util.filter import Everything, to_predicate
 
 __all__ = ['shard_map', 'StatefulShardMap']
-
-
-def _spec_axes(spec: P) -> tuple:
-  """The mesh axes a spec names, in order."""
-  return tuple(a for entry in spec for a in _axes.entry_axes(entry))
 
 
 def _state_specs(specs: Any, argname: str) -> list[tuple[P, Callable]]:
@@ -56,16 +51,21 @@ class StatefulShardMap(StatefulMapping):
   """
   _sized = False
 
-  def __init__(self, fun: Callable, mesh: Mesh, in_specs: Any, out_specs: Any,
+  def __init__(self, fun: Callable, mesh: Mesh | None, in_specs: Any, out_specs: Any,
                state_in_specs: Any = None, state_out_specs: Any = None,
                static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
-               donate_states: bool = False):
-    if not isinstance(mesh, Mesh):
+               donate_states: bool = False, check_vma: bool = True, axis_names: Any = None):
+    if mesh is not None and not isinstance(mesh, Mesh):
       raise TypeError(f'shard_map needs a jax.sharding.Mesh, got {type(mesh).__name__}.')
-    super().__init__(fun, in_axes=in_specs, out_axes=out_specs, mapping_fn=SpecMapper(mesh),
-                     axis_name=tuple(mesh.axis_names), static_argnums=static_argnums,
-                     donate_argnums=donate_argnums, donate_states=donate_states)
-    self.mesh = mesh
+    if out_specs is None:
+      raise TypeError('shard_map needs out_specs (a PartitionSpec, or a pytree of them matching '
+                      'the outputs).')
+    mapper = SpecMapper(mesh, axis_names=axis_names, check_vma=check_vma)
+    super().__init__(fun, in_axes=in_specs, out_axes=out_specs, mapping_fn=mapper,
+                     axis_name=None if mesh is None else tuple(mesh.axis_names),
+                     static_argnums=static_argnums, donate_argnums=donate_argnums,
+                     donate_states=donate_states)
+    self.check_vma = check_vma
     self.in_specs, self.out_specs = in_specs, out_specs
     self.state_in_specs = _state_specs(state_in_specs, 'state_in_specs')
     self.state_out_specs = _state_specs(state_out_specs, 'state_out_specs')
@@ -80,13 +80,24 @@ class StatefulShardMap(StatefulMapping):
                        f'{jax.tree.structure(tree)}: {err}') from None
     return jax.tree.leaves(full, is_leaf=lambda s: isinstance(s, P))
 
+  @property
+  def mesh(self) -> Mesh:
+    """The mesh it maps over: the one given, else the context mesh of the current call."""
+    return self._mapper.user_mesh
+
   def _layout_args(self, treedef, leaves, args, kwargs, paths) -> Layout:
     if kwargs:
       raise TypeError(f'shard_map takes positional arguments only; got keyword arguments '
                       f'{sorted(kwargs)}.')
     in_specs = self.in_specs
+    if in_specs is None:
+      raise TypeError('shard_map needs in_specs (a PartitionSpec, or a pytree of them matching '
+                      'the arguments).')
     prefix = (tuple(in_specs) if isinstance(in_specs, list) else in_specs, {})
-    return Layout(self._name, None, treedef, len(leaves), (), [],
+    mesh = self.mesh
+    manual = self._mapper.manual(mesh)
+    name = tuple(a for a in mesh.axis_names if a in manual)
+    return Layout(name, None, treedef, len(leaves), (), [],
                   slot_axes=self._specs(prefix, (args, kwargs), 'in_specs', 'argument'))
 
   def _layout_state_in(self, state: State, paths: dict, fed: dict) -> P:
@@ -114,7 +125,7 @@ class StatefulShardMap(StatefulMapping):
                          f'has size {shape[dim]}, not divisible by the {k} devices of mesh '
                          f'axes {entry!r}.')
       x = lax.slice_in_dim(x, 0, shape[dim] // k, axis=dim)
-    axes = _spec_axes(spec)
+    axes = spec_axes(spec)
     return vary(x, axes) if axes else x
 
   def _layout_outputs(self, disc, layout):
@@ -122,7 +133,7 @@ class StatefulShardMap(StatefulMapping):
     specs = self._specs(self.out_specs, out_avals, 'out_specs', 'output')
     flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
     for (path, _), spec, vma in zip(flat, specs, disc.out_vma):
-      missing = vma - set(_spec_axes(spec))
+      missing = vma - set(spec_axes(spec))
       if missing:
         raise ValueError(f'out_specs gives output{jax.tree_util.keystr(path)} the spec {spec}, '
                          f'but its value differs across mesh axes {sorted(missing)}; name them '
@@ -131,7 +142,7 @@ class StatefulShardMap(StatefulMapping):
 
   def _layout_state_out(self, state, disc, in_spec, paths):
     spec = self._first(self.state_out_specs, state, paths) or in_spec or P()
-    missing = disc.write_vma[state] - set(_spec_axes(spec))
+    missing = disc.write_vma[state] - set(spec_axes(spec))
     if missing:
       raise ValueError(f'{self._describe(state, paths)} is written with a value that differs '
                        f'across mesh axes {sorted(missing)}, but its out spec is {spec}; give it '
@@ -139,15 +150,20 @@ class StatefulShardMap(StatefulMapping):
     return spec
 
 
-def shard_map(fun: Callable | None = None, *, mesh: Mesh, in_specs: Any, out_specs: Any,
-              state_in_specs: Any = None, state_out_specs: Any = None,
+def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: Any = None,
+              out_specs: Any = None, *, state_in_specs: Any = None, state_out_specs: Any = None,
+              check_vma: bool = True, axis_names: Any = None,
               static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
               donate_states: bool = False) -> StatefulShardMap | Callable:
   """`jax.shard_map` under `jax.jit` that reads and writes `State`s with explicit specs.
 
-  `state_in_specs`/`state_out_specs` are one `PartitionSpec` for every state, a
-  `{State: spec}` dict or a `{filter: spec}` dict; uncovered states are replicated when read
-  and keep their spec when rewritten. Random states get a distinct key per device.
+  `mesh`, `in_specs` and `out_specs` may be passed positionally (as in brainstate) or by
+  keyword (as in `jax.shard_map`); without `mesh`, each call uses the context mesh
+  (`jax.sharding.set_mesh`). `axis_names` makes only those mesh axes manual (the others stay
+  automatic), and `check_vma` is `jax.shard_map`'s. `state_in_specs`/`state_out_specs` are one
+  `PartitionSpec` for every state, a `{State: spec}` dict or a `{filter: spec}` dict; uncovered
+  states are replicated when read and keep their spec when rewritten. Random states get a
+  distinct key per device.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
@@ -165,7 +181,8 @@ def shard_map(fun: Callable | None = None, *, mesh: Mesh, in_specs: Any, out_spe
   """
   kwargs = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, state_in_specs=state_in_specs,
                 state_out_specs=state_out_specs, static_argnums=static_argnums,
-                donate_argnums=donate_argnums, donate_states=donate_states)
+                donate_argnums=donate_argnums, donate_states=donate_states,
+                check_vma=check_vma, axis_names=axis_names)
   if fun is None:
     return functools.partial(shard_map, **kwargs)
   return StatefulShardMap(fun, **kwargs)

@@ -1,0 +1,147 @@
+"""Discovery: one abstract trace that records which states a function reads and writes.
+
+The trace runs the function once, without compiling, on lane-shaped inputs (what one device or
+one vmap lane sees). A state read for the first time is shown to the body as its lane view: the
+mapped dimension removed for mapped states, a fresh per-lane key for random states, the value
+itself for a state holding a Python value (static: the body may branch on it). For every output
+and written state the trace then tells which mapped axes the value differs across: read from the
+traced jaxpr (`_varying.py`) for `jax.pmap` semantics, or from `shard_map`'s own varying-axes
+typing when the program runs with `check_vma=True`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from meshstate._compat import vma
+from meshstate._state import Frame, State, is_static_value
+from meshstate.transform._varying import varying_axes
+
+__all__ = ['Discovery', 'Traced', 'discover', 'vary', 'lane_key', 'lane_slice', 'placeholder',
+           'vma_of', 'lane_aval', 'trace_lanes']
+
+
+def vma_of(value: Any) -> frozenset:
+  """The mesh axes any leaf of `value` varies over, inside `shard_map(check_vma=True)`."""
+  return frozenset().union(*(vma(jax.typeof(x)) for x in jax.tree.leaves(value)
+                             if isinstance(x, jax.core.Tracer)))
+
+
+def vary(value: Any, name: Any) -> Any:
+  """`value` marked as varying across `name` (same numbers on every lane)."""
+  keep = lax.axis_index(name) >= 0
+  return jax.tree.map(lambda x: lax.select(jnp.broadcast_to(keep, jnp.shape(x)), x, x), value)
+
+
+def _placeholder(x: Any) -> Any:
+  if isinstance(x, jax.core.Tracer) or jax.dtypes.issubdtype(jnp.result_type(x),
+                                                             jax.dtypes.prng_key):
+    return x
+  return lax.full(jnp.shape(x), 0, jnp.result_type(x))
+
+
+def placeholder(value: Any) -> Any:
+  """A traced stand-in of `value`'s shape and dtype for discovery.
+
+  Closing over the concrete array instead would carry its sharding type into the body, which
+  breaks on Explicit-axis meshes; only shapes and dtypes matter to discovery.
+  """
+  return jax.tree.map(_placeholder, value)
+
+
+def lane_slice(value: Any, axis: int) -> Any:
+  """The lane-0 slice of a stacked value: the shape a mapped state has inside the body."""
+  return jax.tree.map(lambda x: lax.index_in_dim(x, 0, axis, keepdims=False), value)
+
+
+def lane_key(key: Any, name: Any) -> tuple[Any, Any]:
+  """`(next global key, this lane's key)`: the global key advances once, lanes get distinct keys."""
+  nxt, sub = jax.random.split(key)
+  return nxt, jax.random.fold_in(sub, lax.axis_index(name))
+
+
+def lane_aval(x: Any, shape: tuple) -> jax.ShapeDtypeStruct:
+  """The abstract value of one lane of `x`: its dtype with the lane's `shape`, no sharding."""
+  aval = jax.typeof(x)
+  return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=aval.weak_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """A probe traced to a jaxpr on lane values, for `varying_axes`."""
+  jaxpr: Any
+  in_axes: list      # per input: the tracked axes it varies over
+  tracked: frozenset
+
+
+def trace_lanes(probe: Callable, avals: Sequence[Any], in_axes: Sequence[frozenset],
+                env: Sequence[tuple[Any, int]]) -> Traced:
+  """Trace `probe` on lane values with the mapped axes bound (so collectives trace)."""
+  jaxpr = jax.make_jaxpr(probe, axis_env=list(env))(*avals)
+  return Traced(jaxpr, list(in_axes), frozenset(n for n, _ in env))
+
+
+@dataclasses.dataclass
+class Discovery:
+  """What one abstract trace of the function found."""
+  reads: list[State]
+  writes: list[State]            # written with array values (carried out of the program)
+  static_reads: dict[State, Any]   # Python-valued states read, and their values
+  static_writes: dict[State, Any]  # states written with Python values, and those values
+  write_vma: dict[State, frozenset]   # mapped axes each written value varies over
+  write_shapes: dict[State, tuple]    # shape of the (first leaf of the) lane value written
+  out_vma: list[frozenset]
+  out_tree: Any
+  out_avals: list[Any]
+
+  @property
+  def write_ndim(self) -> dict[State, int]:
+    return {s: len(shape) for s, shape in self.write_shapes.items()}
+
+
+def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],
+             view: Callable[[State, Any], Any] | None) -> Discovery:
+  """Trace `body(*lane_args)` abstractly through `run` and report what it touched.
+
+  `run(probe)` traces `probe` on the lane views of the arguments and returns a `Traced` jaxpr
+  to analyse, or None when the probe ran under `shard_map`'s varying-axes typing;
+  `view(state, value)` gives the body's view of a state on its first read.
+  """
+  found: dict[str, Any] = {}
+
+  def probe(*lane_args):
+    with Frame(view=view) as frame:
+      out = body(*lane_args)
+      values = {s: s._value for s in frame.writes}
+      static = {s: v for s, v in values.items() if is_static_value(v)}
+      written = {s: v for s, v in values.items() if s not in static}
+      found['reads'] = [s for s in frame.reads if s not in frame.static_reads]
+      found['static_reads'] = dict(frame.static_reads)
+      found['writes'], found['static_writes'] = list(written), static
+      found['write_shapes'] = {s: tuple(jnp.shape((jax.tree.leaves(v) or [0])[0]))
+                               for s, v in written.items()}
+      leaves, found['out_tree'] = jax.tree.flatten(out)
+      found['out_avals'] = [jax.typeof(x) for x in leaves]
+      found['out_vma'] = [vma_of(x) for x in leaves]
+      found['write_vma'] = {s: vma_of(v) for s, v in written.items()}
+      result = leaves, list(written.values())
+      found['result_tree'] = jax.tree.structure(result)
+      return result
+
+  traced = run(probe)
+  if traced is not None:
+    axes = varying_axes(traced.jaxpr, traced.in_axes, traced.tracked)
+    out_vma, write_vma = found['result_tree'].unflatten(axes)
+    found['out_vma'] = out_vma
+    found['write_vma'] = {s: frozenset().union(*jax.tree.leaves(v, is_leaf=_is_axes))
+                          for s, v in zip(found['writes'], write_vma)}
+  del found['result_tree']
+  return Discovery(**found)
+
+
+def _is_axes(x: Any) -> bool:
+  return isinstance(x, frozenset)
