@@ -16,3 +16,15 @@ import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update('jax_platforms', 'cpu')
 jax.config.update('jax_num_cpu_devices', 8)
+
+# MESHSTATE_VMAP_ORACLE=<file>: check discovery against jax.vmap; counts are appended to <file>.
+if os.environ.get('MESHSTATE_VMAP_ORACLE'):
+  import atexit
+
+  import vmap_oracle   # noqa: E402
+
+  vmap_oracle.install()
+  def _report():
+    with open(os.environ['MESHSTATE_VMAP_ORACLE'], 'a') as f:
+      f.write(f'{vmap_oracle.checked}\n')
+  atexit.register(_report)

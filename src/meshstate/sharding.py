@@ -193,7 +193,7 @@ def _tuple_text(items: Iterable[str]) -> str:
 
 def _program_code(plan: Any) -> list[str]:
   """The lines that build `program` the way the engine built `plan.fn`."""
-  donate = f', donate_argnums={plan.donate}' if plan.donate else ''
+  jit_kwargs = f', donate_argnums={plan.donate}' if plan.donate else ''
   pinned = any(s is not None for s in plan.out_shardings)
   if plan.kind == 'vmap':
     return [
@@ -205,7 +205,7 @@ def _program_code(plan: Any) -> list[str]:
         f'    spmd_axis_name={plan.spmd_axis_name!r})',
         '# lanes are split over the devices of `mesh`; in/out_shardings put them there',
         'program = jax.jit(lambda *slots: pin(mapped(*pin(slots, in_shardings)), out_shardings)'
-        f'{donate})',
+        f'{jit_kwargs})',
     ]
   lines = [
       'mapped = jax.shard_map(',
@@ -221,7 +221,10 @@ def _program_code(plan: Any) -> list[str]:
   if pinned:
     lines.append('# written states keep their layout over the other mesh axes: out_shardings')
     call = f'pin({call}, out_shardings)'
-  return lines + [f'program = jax.jit(lambda *slots: {call}{donate})']
+  if plan.in_shardings:
+    lines.append('# inputs are first moved to the mesh: in_shardings')
+    jit_kwargs += ', in_shardings=in_shardings'
+  return lines + [f'program = jax.jit(lambda *slots: {call}{jit_kwargs})']
 
 
 def explain_plan(plan: Any, leaves: list, vals: list, in_names: list[str],

@@ -73,6 +73,11 @@ def mapped_size(sources: Iterable[tuple[str, int]], axis_size: int | None) -> in
   sizes: dict[int, list[str]] = {}
   for where, size in sources:
     sizes.setdefault(size, []).append(where)
+  others = {s: w for s, w in sizes.items() if s != axis_size}
+  if axis_size is not None and len(others) == 1:
+    (size, where), = others.items()
+    raise ValueError(f'axis_size={axis_size} conflicts with the mapped size {size} of '
+                     f'{", ".join(where)}; drop axis_size= or pass arguments of size {axis_size}.')
   if axis_size is not None:
     sizes.setdefault(axis_size, []).append('axis_size')
   if len(sizes) > 1:

@@ -153,13 +153,19 @@ class _ShardMapMapper(Mapper):
     block = self._inside_fn(body, layout, mesh)
     mapped, fit = self._shard_map(block, mesh, manual, in_specs, out_specs)
     outs = tuple(layout.out_shardings)
+    ins = self.jit_in_shardings(layout)
     if fit is None:
-      fn = jax.jit(lambda *slots: constrain(mapped(*slots), outs), donate_argnums=donate)
+      fn = jax.jit(lambda *slots: constrain(mapped(*slots), outs), donate_argnums=donate,
+                   in_shardings=ins)
     else:
       fn = jax.jit(lambda *slots: constrain(mapped(*fit(*slots)), outs), donate_argnums=donate)
     return plan_of(layout, 'shard_map', fn, block, donate, mesh=mesh, manual=manual,
                    in_specs=in_specs, out_specs=out_specs, check_vma=self.check_vma,
-                   out_shardings=outs, fit=fit)
+                   in_shardings=() if ins is None else ins, out_shardings=outs, fit=fit)
+
+  def jit_in_shardings(self, layout) -> tuple | None:
+    """Shardings `jit` moves the inputs to first (None: take them as they come)."""
+    return None
 
 
 class MeshMapper(_ShardMapMapper):
@@ -230,6 +236,12 @@ class MeshMapper(_ShardMapMapper):
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
     return [NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.slot_axes]
+
+  def jit_in_shardings(self, layout) -> tuple | None:
+    # On a mesh of our own, inputs laid out over the same devices in another order are moved.
+    if self.user_mesh is not None or current_mesh() is not None:
+      return None
+    return tuple(self.slot_shardings(layout))
 
   def add_axis(self, need: NeedAxis) -> None:
     if need.name in self._inner:
@@ -312,6 +324,7 @@ class SpecMapper(_ShardMapMapper):
 
   def __init__(self, mesh: Mesh | None, axis_names: Any = None, check_vma: bool = True):
     self._mesh = mesh
+    self._context: Mesh | None = None
     self.follows_context = mesh is None
     self._axis_names = None if axis_names is None else frozenset(axis_names)
     self.check_vma = check_vma
@@ -320,7 +333,10 @@ class SpecMapper(_ShardMapMapper):
   def user_mesh(self) -> Mesh:
     if self._mesh is not None:
       return self._mesh
-    mesh = jax.sharding.get_mesh()
+    try:
+      mesh = self._context = jax.sharding.get_mesh()
+    except ValueError:   # while tracing: the context mesh read when this call began
+      mesh = self._context
     if not isinstance(mesh, Mesh) or not mesh.axis_names:
       raise ValueError('shard_map was given no mesh= and there is no context mesh; pass mesh=, '
                        'or call it under `with jax.sharding.set_mesh(mesh):`.')
