@@ -142,7 +142,8 @@ class StatefulMapping:
                unexpected_out_state_mapping: str = 'auto', axis_size: int | None = None,
                axis_name: Any = None, name: str | None = None,
                mapping_fn: Callable | Mapper = jax.vmap,
-               static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
+               static_argnums: int | Sequence[int] | None = (),
+               static_argnames: str | Sequence[str] | None = (),
                donate_argnums: int | Sequence[int] = (), donate_states: bool = False):
     if not callable(fun):
       raise TypeError(f'StatefulMapping needs a callable, got {type(fun).__name__}.')
@@ -168,9 +169,12 @@ class StatefulMapping:
     else:
       self._mapper = CustomMapper(mapping_fn)
     self._name = axis_name if axis_name is not None else f'_meshstate_axis{next(_names)}'
-    self._static, self._static_names = _axes.link_static(
-        fun, _axes.normalize_argnums(static_argnums, 'static_argnums'),
-        (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames))
+    self.static_argnums = _axes.normalize_argnums(
+        () if static_argnums is None else static_argnums, 'static_argnums')
+    self.static_argnames = ((static_argnames,) if isinstance(static_argnames, str)
+                            else tuple(static_argnames or ()))
+    self._static, self._static_names = _axes.link_static(fun, self.static_argnums,
+                                                         self.static_argnames)
     self._donate = _axes.normalize_argnums(donate_argnums, 'donate_argnums')
     overlap = set(self._static) & set(self._donate)
     if overlap:
