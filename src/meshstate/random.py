@@ -27,7 +27,8 @@ import numpy as np
 from meshstate._distributions import SAMPLERS, Distributions
 from meshstate._state import State, frames
 
-__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', *SAMPLERS]
+# DEFAULT is served by the module's __getattr__, so that it is created on first use.
+__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', *SAMPLERS]  # noqa: F822
 
 P = ParamSpec('P')
 R = TypeVar('R')

@@ -17,7 +17,8 @@ from jax import lax
 
 from meshstate._state import Frame, State
 
-__all__ = ['Discovery', 'discover', 'varies', 'vary', 'lane_key', 'lane_slice', 'placeholder', 'vma_of']
+__all__ = ['Discovery', 'discover', 'varies', 'vary', 'lane_key', 'lane_slice', 'placeholder',
+           'vma_of']
 
 
 def _vma(aval) -> frozenset:
