@@ -21,7 +21,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 if os.environ.get('MESHSTATE_VMAP_ORACLE'):
   import atexit
 
-  import vmap_oracle   # noqa: E402
+  import vmap_oracle
 
   vmap_oracle.install()
   def _report():

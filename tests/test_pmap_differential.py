@@ -228,7 +228,8 @@ def test_vmap2_in_out_axes_match_vmap():
 
 # --- layout of outputs ------------------------------------------------------------------------
 
-@pytest.mark.parametrize('out_axes, spec', [(0, P('i')), (1, P(None, 'i')), (-1, P(None, None, 'i'))])
+@pytest.mark.parametrize('out_axes, spec',
+                         [(0, P('i')), (1, P(None, 'i')), (-1, P(None, None, 'i'))])
 def test_output_is_sharded_at_the_out_axis(out_axes, spec):
   out = pmap2(lambda x: x + 1, axis_name='i', out_axes=out_axes)(rand(N, 2, 3))
   assert isinstance(out, jax.Array)

@@ -684,7 +684,7 @@ def test_custom_mapping_fn_jax_pmap_donates_the_first_argument():
     return v + w
 
   f = StatefulMapping(step, in_axes=(0, None), axis_name='i',
-                      mapping_fn=lambda f, *a, **kw: jax.pmap(f, donate_argnums=(0,), *a, **kw))
+                      mapping_fn=lambda f, *a, **kw: jax.pmap(f, *a, donate_argnums=(0,), **kw))
   out = f(x, jnp.float32(2.0))
   close(out, xs + 2)
   close(total.value, (xs * 2).sum(0))

@@ -251,3 +251,118 @@ def test_default_first_created_inside_trace_is_global():
           'assert not isinstance(k, jax.core.Tracer), type(k)\n'
           'print("ok", k.shape, k.dtype)\n')
   assert _run_fresh(code) == 'ok (2,) uint32'
+
+
+# --- distributions as RandomState methods ----------------------------------------------------
+
+SAMPLER_CALLS = [
+    ('normal', (1.0, 2.0), {'size': (2, 3)}),
+    ('uniform', (), {'low': -1.0, 'high': 1.0, 'size': 4}),
+    ('randn', (2, 3), {}),
+    ('rand', (3,), {}),
+    ('random', ((2, 2),), {}),
+    ('random_sample', (), {'size': 3}),
+    ('randint', (2, 9), {'size': 5}),
+    ('bernoulli', (0.4,), {'size': 6}),
+    ('choice', (7,), {'size': 4, 'replace': False}),
+    ('permutation', (6,), {}),
+    ('shuffle', (jnp.arange(5),), {}),
+    ('truncated_normal', (-1.0, 1.0), {'size': 3}),
+    ('exponential', (2.0,), {'size': 3}),
+    ('gamma', (2.0,), {'size': 3}),
+    ('beta', (2.0, 3.0), {'size': 3}),
+    ('poisson', (3.0,), {'size': 3}),
+    ('categorical', (jnp.zeros((2, 5)),), {}),
+    ('gumbel', (), {'size': 3}),
+    ('laplace', (0.0, 2.0), {'size': 3}),
+    ('logistic', (), {'size': 3}),
+]
+
+
+def test_every_distribution_is_a_method_with_the_module_signature():
+  import inspect
+  names = [n for n in mr.__all__ if n not in ('RandomState', 'DEFAULT', 'seed', 'split_key')]
+  assert sorted(names) == sorted(n for n, _, _ in SAMPLER_CALLS)
+  for name in names:
+    method = inspect.signature(getattr(mr.RandomState(0), name))
+    assert inspect.signature(getattr(mr, name)) == method, name
+    assert getattr(mr, name).__doc__ == getattr(mr.RandomState, name).__doc__
+
+
+@pytest.mark.parametrize('name, args, kwargs', SAMPLER_CALLS, ids=[c[0] for c in SAMPLER_CALLS])
+def test_method_draws_from_its_own_key(name, args, kwargs):
+  rs, twin, other = mr.RandomState(3), mr.RandomState(3), mr.RandomState(4)
+  default_before, other_before = np.asarray(mr.DEFAULT.value), np.asarray(other.value)
+  got = getattr(rs, name)(*args, **kwargs)
+  want = getattr(mr, name)(*args, key=twin.split_key(), **kwargs)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(rs.value, twin.value)              # advanced like split_key()
+  assert not np.array_equal(rs.value, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(other.value, other_before)         # only its own instance
+  np.testing.assert_array_equal(mr.DEFAULT.value, default_before)  # DEFAULT untouched
+
+
+def test_method_with_explicit_key_leaves_the_instance_untouched():
+  rs, key = mr.RandomState(1), jax.random.PRNGKey(9)
+  np.testing.assert_array_equal(rs.normal(size=3, key=key), jax.random.normal(key, (3,)))
+  np.testing.assert_array_equal(rs.randn(2, key=key), jax.random.normal(key, (2,)))
+  np.testing.assert_array_equal(rs.normal(0.0, 1.0, 3, key), jax.random.normal(key, (3,)))
+  np.testing.assert_array_equal(rs.value, jax.random.PRNGKey(1))
+
+
+def test_positional_key_none_draws_from_the_instance():
+  rs, twin = mr.RandomState(2), mr.RandomState(2)
+  np.testing.assert_array_equal(rs.normal(0.0, 1.0, 3, None),
+                                jax.random.normal(twin.split_key(), (3,)))
+  np.testing.assert_array_equal(rs.value, twin.value)
+
+
+def test_module_functions_still_draw_from_default():
+  rs = mr.RandomState(0)
+  mr.seed(5)
+  twin = mr.RandomState(5)
+  np.testing.assert_array_equal(mr.uniform(size=3), mr.uniform(size=3, key=twin.split_key()))
+  np.testing.assert_array_equal(mr.randn(2), mr.randn(2, key=twin.split_key()))
+  np.testing.assert_array_equal(mr.DEFAULT.value, twin.value)
+  np.testing.assert_array_equal(rs.value, jax.random.PRNGKey(0))
+
+
+def test_bad_input_leaves_the_key_unchanged():
+  rs = mr.RandomState(0)
+  with pytest.raises(TypeError):
+    rs.normal(size=(2, 'x'))
+  np.testing.assert_array_equal(rs.value, jax.random.PRNGKey(0))
+  mr.seed(1)
+  with pytest.raises(TypeError):
+    mr.uniform(size=(2, 'x'))
+  np.testing.assert_array_equal(mr.DEFAULT.value, jax.random.PRNGKey(1))
+
+
+def test_method_inside_state_aware_jit():
+  from meshstate.transform import jit
+  rs, twin = mr.RandomState(0), mr.RandomState(0)
+  mr.seed(0)
+  default_before = np.asarray(mr.DEFAULT.value)
+  step = jit(lambda x: x + rs.normal(size=(3,)))
+  for _ in range(2):
+    np.testing.assert_allclose(step(jnp.ones(3)), 1.0 + mr.normal(size=3, key=twin.split_key()),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(rs.value, twin.value)
+  np.testing.assert_array_equal(mr.DEFAULT.value, default_before)
+
+
+def test_method_inside_pmap2_gives_each_device_its_own_draw():
+  from meshstate.transform import pmap2
+  n = jax.device_count()
+  mr.seed(0)
+  default_before = np.asarray(mr.DEFAULT.value)
+  rs, twin = mr.RandomState(0), mr.RandomState(0)
+  out = pmap2(lambda v: v + rs.uniform(size=(2,)), axis_name='i')(jnp.zeros(n))
+  by_hand = pmap2(lambda v: v + mr.uniform(size=(2,), key=twin.split_key()),
+                  axis_name='i')(jnp.zeros(n))
+  assert out.shape == (n, 2)
+  assert len({tuple(np.asarray(r).tolist()) for r in out}) == n
+  np.testing.assert_allclose(out, by_hand, rtol=1e-6)
+  np.testing.assert_array_equal(rs.value, jax.random.split(jax.random.PRNGKey(0))[0])
+  np.testing.assert_array_equal(rs.value, twin.value)
+  np.testing.assert_array_equal(mr.DEFAULT.value, default_before)

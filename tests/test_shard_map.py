@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import meshstate
@@ -185,19 +185,21 @@ def test_random_state_key_per_shard(mesh):
 
 # -- meshes, caching, atomicity -------------------------------------------------------------------
 
+def _descent_step(w):
+  def step(xb):
+    y = xb @ w.value
+    w.value = w.value - 0.5 * jax.lax.pmean(xb.T @ y, 'data')
+    return y
+  return step
+
+
 def test_explicit_and_auto_meshes_agree():
   x, w0 = rand(4, 3), rand(3, 8)
   results = []
   for kind in ('Mesh', 'make_mesh'):
     mesh = mesh_2x4(kind)
     w = ParamState(jnp.asarray(w0))
-
-    def step(xb):
-      y = xb @ w.value
-      w.value = w.value - 0.5 * jax.lax.pmean(xb.T @ y, 'data')
-      return y
-
-    f = shard_map(step, mesh=mesh, in_specs=P('data'), out_specs=P('data', 'model'),
+    f = shard_map(_descent_step(w), mesh=mesh, in_specs=P('data'), out_specs=P('data', 'model'),
                   state_in_specs=P(None, 'model'))
     out = f(jnp.asarray(x))
     assert spec_of(w) == P(None, 'model')

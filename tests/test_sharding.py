@@ -183,7 +183,7 @@ def test_mapping_rows_are_the_states_it_touched():
              'count': net.count}[row['path']]
     check_row(row, row['path'], state)
   # a closure's states have no path in a module, but still get one row each
-  a, b, untouched = State(jnp.ones(2)), State(jnp.zeros(())), State(jnp.ones(5))
+  a, b, _untouched = State(jnp.ones(2)), State(jnp.zeros(())), State(jnp.ones(5))
   g = pmap2(lambda x: x * a.value + b.value, axis_name='i')
   g(jnp.ones((N, 2)))
   rows = describe(g).rows

@@ -36,7 +36,7 @@ def _checked_trace(probe, slots, layout):
   try:
     jax.eval_shape(jax.vmap(batched_probe, in_axes=tuple(layout.slot_axes), out_axes=None,
                             axis_name=name, axis_size=layout.size), *slots)
-  except Exception:   # noqa: BLE001 - what vmap cannot trace is what the jaxpr route is for
+  except Exception:   # what vmap cannot trace is what the jaxpr route is for
     checked['skipped'] += 1
     return _original(probe, slots, layout)   # the probe's records, from a clean trace
   if by_vmap != by_jaxpr:

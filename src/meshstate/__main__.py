@@ -1,4 +1,4 @@
-"""``python -m meshstate``: a short demo that runs on 8 simulated CPU devices without an accelerator."""
+"""``python -m meshstate``: a short demo on 8 simulated CPU devices, no accelerator needed."""
 import os
 import sys
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
   model = Affine(n)
   custom = StatefulMapping(model, state_in_axes={0: params}, state_out_axes={0: params},
                            axis_name='devices',
-                           mapping_fn=lambda f, *a, **kw: jax.pmap(f, donate_argnums=(0,), *a,
+                           mapping_fn=lambda f, *a, **kw: jax.pmap(f, *a, donate_argnums=(0,),
                                                                    **kw))
   custom(jnp.ones((n, 4)))
   print(type(custom).__name__, 'weights:\n', model.weight.value)

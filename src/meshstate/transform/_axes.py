@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from meshstate.util.filter import to_predicate
 
-__all__ = ['entry_axes', 'normalize_state_axes', 'leaf_axes', 'check_axis', 'mapped_size', 'spec_at',
-           'split_static', 'normalize_argnums']
+__all__ = ['entry_axes', 'normalize_state_axes', 'leaf_axes', 'check_axis', 'mapped_size',
+           'spec_at', 'split_static', 'normalize_argnums']
 
 # `None` is an empty pytree; while broadcasting an axes prefix it must stay a leaf.
 _UNMAPPED = type('Unmapped', (), {'__repr__': lambda self: 'None'})()
