@@ -25,15 +25,15 @@ def _flatten_states(grad_states: Any, where: str):
   """`(unique states, position of each leaf among them, treedef)` of `grad_states`."""
   if grad_states is None:
     return [], [], None
-  leaves, tree = jax.tree.flatten(grad_states, is_leaf=lambda x: isinstance(x, State))
+  flat, tree = jax.tree_util.tree_flatten_with_path(
+      grad_states, is_leaf=lambda x: isinstance(x, State))
   unique: dict[State, int] = {}
-  for path, leaf in zip(jax.tree_util.tree_flatten_with_path(
-      grad_states, is_leaf=lambda x: isinstance(x, State))[0], leaves):
+  for path, leaf in flat:
     if not isinstance(leaf, State):
-      raise TypeError(f'{where}: grad_states{jax.tree_util.keystr(path[0])} is a '
+      raise TypeError(f'{where}: grad_states{jax.tree_util.keystr(path)} is of type '
                       f'{type(leaf).__name__}, not a State.')
     unique.setdefault(leaf, len(unique))
-  return list(unique), [unique[s] for s in leaves], tree
+  return list(unique), [unique[s] for _, s in flat], tree
 
 
 def _check_float(states: Sequence[State], where: str, allow_int: bool) -> None:
