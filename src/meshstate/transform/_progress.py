@@ -29,10 +29,10 @@ class ProgressBar:
     tqdm: use tqdm (True), plain text (False), or tqdm when installed (None).
 
   Example:
-    >>> import sys, jax.numpy as jnp, meshstate
+    >>> import sys, jax, jax.numpy as jnp, meshstate
     >>> from meshstate.transform import ProgressBar, for_loop
     >>> bar = ProgressBar(freq=2, desc='steps', file=sys.stdout, tqdm=False)
-    >>> ys = for_loop(lambda x: x * 2, jnp.arange(4.), pbar=bar)
+    >>> ys = for_loop(lambda x: x * 2, jnp.arange(4.), pbar=bar); jax.effects_barrier()
     steps: 2/4
     steps: 4/4
   """
