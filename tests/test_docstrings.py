@@ -7,7 +7,8 @@ import pytest
 MODULES = ['meshstate', 'meshstate._state', 'meshstate.random', 'meshstate.nn._module',
            'meshstate.util.filter', 'meshstate.sharding', 'meshstate.transform._engine',
            'meshstate.transform._map', 'meshstate.transform._jit',
-           'meshstate.transform._shard_map']
+           'meshstate.transform._shard_map', 'meshstate.transform._loops',
+           'meshstate.transform._autodiff', 'meshstate.transform._progress']
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -23,6 +24,10 @@ def test_public_callables_have_an_example():
             meshstate.transform.shard_map, meshstate.transform.StatefulMapping,
             meshstate.transform.StatefulMapping.explain, meshstate.transform.StatefulMapping.lower,
             meshstate.sharding.describe, meshstate.State, meshstate.random.normal,
-            meshstate.random.seed, meshstate.nn.Module]
+            meshstate.random.seed, meshstate.nn.Module, meshstate.transform.grad,
+            meshstate.transform.value_and_grad, meshstate.transform.vjp, meshstate.transform.jacrev,
+            meshstate.transform.jacfwd, meshstate.transform.for_loop, meshstate.transform.scan,
+            meshstate.transform.while_loop, meshstate.transform.cond, meshstate.transform.switch,
+            meshstate.transform.checkpoint, meshstate.transform.ProgressBar]
   missing = [f.__qualname__ for f in public if '>>>' not in (f.__doc__ or '')]
   assert not missing
