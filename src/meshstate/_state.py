@@ -6,9 +6,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
-           'StateTraceError', 'is_static_value']
+           'StateTraceError', 'is_static_value', 'traced_write_error', 'in_frame_trace']
 
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, float, complex)
 
@@ -25,6 +26,29 @@ def is_static_value(value: Any) -> bool:
 
 class StateTraceError(RuntimeError):
   """A traced value tried to escape into a `State` outside meshstate's transforms."""
+
+
+_DEFAULT_ADVICE = ('jax.jit, jax.grad, jax.vmap, jax.lax.scan or jax.checkpoint',
+                   'meshstate.transform.jit, grad, vmap2, for_loop/scan/while_loop, cond or '
+                   'checkpoint')
+_ADVICE = {   # by the kind of tracer the value is: which transform put it there
+    'BatchTracer': ('jax.vmap', 'meshstate.transform.vmap2'),
+    'JVPTracer': ('jax.grad or jax.jvp', 'meshstate.transform.grad (or value_and_grad, '
+                  'jacrev, jacfwd)'),
+    'LinearizeTracer': ('jax.grad or jax.linearize', 'meshstate.transform.grad (or '
+                        'value_and_grad, vjp)'),
+    'DynamicJaxprTracer': ('jax.jit, jax.lax.scan/while_loop/cond or jax.checkpoint',
+                           'meshstate.transform.jit, for_loop/scan/while_loop, cond/switch or '
+                           'checkpoint'),
+}
+
+
+def traced_write_error(what: str, value: Any) -> StateTraceError:
+  """The error for `what` (a write of `value` into states) under a raw JAX transform."""
+  tracers = [x for x in jax.tree.leaves(value) if isinstance(x, jax.core.Tracer)]
+  raw, ours = _ADVICE.get(type(tracers[0]).__name__ if tracers else '', _DEFAULT_ADVICE)
+  return StateTraceError(f'{what} under a raw JAX transform ({raw}), so a State would be left '
+                         f'holding a tracer. Use the meshstate equivalent instead: {ours}.')
 
 
 class _Local(threading.local):
@@ -58,8 +82,10 @@ class Frame:
     self.touched: dict[State, None] = {}  # reads and writes, first touch first
     self.created: set[int] = set()
     self.parent: Frame | None = None
+    self.trace: Any = None   # the JAX trace the frame was entered in
 
   def __enter__(self) -> 'Frame':
+    self.trace = get_opaque_trace_state()
     stack = _local.stack
     self.parent = stack[-1] if stack else None
     stack.append(self)
@@ -108,6 +134,13 @@ class Frame:
     state._value = value
 
 
+def in_frame_trace() -> bool:
+  """Whether JAX is tracing at the level the innermost frame was entered (no raw transform
+  between them), so values written now may be carried out by that frame's transform."""
+  stack = _local.stack
+  return not stack or stack[-1].trace == get_opaque_trace_state()
+
+
 def _is_tracer(value: Any) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
 
@@ -149,11 +182,7 @@ class State:
       stack[-1].write(self, value)
       return
     if _is_tracer(value):
-      raise StateTraceError(
-          f'A traced value was written into {type(self).__name__} outside a meshstate transform '
-          f'(for example under a raw jax.jit or jax.grad). Wrap the function in '
-          f'meshstate.transform.jit (or pmap2/vmap2/shard_map) so the write is carried out of '
-          f'the trace.')
+      raise traced_write_error(f'A traced value was written into {type(self).__name__}', value)
     self._value = value
 
   @property

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, StateTraceError, _local
+from meshstate._state import Frame, State, _local, in_frame_trace, traced_write_error
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -267,10 +267,7 @@ class StatefulMapping:
     if entry.out_states:
       new = outs[n:]
       if type(new[0]) is not _ArrayImpl and _traced(new):
-        raise StateTraceError(
-            f'{self.name} was called with traced arguments outside a meshstate transform (for '
-            f'example under a raw jax.jit), so the states it writes would receive tracers. '
-            f'Use meshstate.transform.jit instead of jax.jit around it.')
+        raise traced_write_error(f'{self.name} was called', new)
       collections.deque(map(_set_value, entry.out_states, new), maxlen=0)
       last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
     for state, value in entry.static_writes:
@@ -317,6 +314,9 @@ class StatefulMapping:
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
+    if (entry.out_states or entry.static_writes) and not in_frame_trace():
+      raise traced_write_error(f'{self.name} writes states and was called inside a meshstate '
+                               f'transform, but', leaves)
     vals = [s.value for s in entry.in_states]
     outs = entry.fn(*leaves, *vals)
     n = entry.n_out
@@ -728,18 +728,29 @@ class StatefulMapping:
     return explain_plan(plan, leaves, vals, in_names, out_names)
 
   def lower(self, *args, **kwargs):
-    """JAX's `Lowered` program for these arguments (read its HLO with `.as_text()`).
+    """The program for these arguments (arrays or `jax.ShapeDtypeStruct`s), lowered.
+
+    Its `compile()` is called with the user's arguments, returns the user's output structure
+    and writes the states back; `as_text()`, `cost_analysis()` and `args_info` are JAX's.
 
     Example:
-      >>> import jax.numpy as jnp, meshstate
-      >>> f = meshstate.transform.pmap2(lambda x: x * 2, axis_name='i')
-      >>> 'sharding' in f.lower(jnp.ones(2)).as_text()
-      True
+      >>> import jax, jax.numpy as jnp, meshstate
+      >>> total = meshstate.State(jnp.zeros(()))
+      >>> def step(x):
+      ...   total.value = total.value + jax.lax.psum(x, 'i')
+      ...   return {'y': x * 2}
+      >>> f = meshstate.transform.pmap2(step, axis_name='i')
+      >>> compiled = f.lower(jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+      >>> compiled(jnp.ones(2))['y'].tolist(), float(total.value)
+      ([2.0, 2.0], 2.0)
     """
-    entry, leaves, vals = self._entry(args, kwargs)
+    from meshstate.transform._aot import Lowered
+    sig = self._signature(args, kwargs)
+    entry = self._lookup(*sig)
     if not hasattr(entry.fn, 'lower'):
       raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')
-    return entry.fn.lower(*leaves, *vals)
+    lowered = entry.fn.lower(*sig[1], *[s.value for s in entry.in_states])
+    return Lowered(self, entry.plan, lowered, sig[0])
 
   def state_paths(self) -> dict[State, tuple]:
     """Each state's path inside the mapped Module (empty when the function is not a Module's)."""
