@@ -7,7 +7,7 @@ import pytest
 MODULES = ['meshstate', 'meshstate._state', 'meshstate.random', 'meshstate.nn._module',
            'meshstate.util.filter', 'meshstate.sharding', 'meshstate.transform._engine',
            'meshstate.transform._map', 'meshstate.transform._jit',
-           'meshstate.transform._shard_map']
+           'meshstate.transform._shard_map', 'meshstate.transform._multihost']
 
 
 @pytest.mark.parametrize('name', MODULES)
