@@ -8,7 +8,8 @@ MODULES = ['meshstate', 'meshstate._state', 'meshstate.random', 'meshstate.nn._m
            'meshstate.util.filter', 'meshstate.sharding', 'meshstate.transform._engine',
            'meshstate.transform._map', 'meshstate.transform._jit',
            'meshstate.transform._shard_map', 'meshstate.transform._loops',
-           'meshstate.transform._autodiff', 'meshstate.transform._progress']
+           'meshstate.transform._autodiff', 'meshstate.transform._progress',
+           'meshstate.transform._multihost']
 
 
 @pytest.mark.parametrize('name', MODULES)
