@@ -212,8 +212,6 @@ def xfail(what):
   return pytest.mark.xfail(strict=True, reason=ENGINE + what)
 
 
-@xfail('pmap2 without devices=/mesh= maps over jax.devices() when process_count() > 1; local '
-       'inputs are made global and outputs come back process-local, as with jax.pmap')
 def test_default_pmap2_spans_all_processes(engine):
   n_proc, local = layout(engine)
   for p, v in enumerate(values(engine, 'engine_default_pmap2_maps_over_all_processes')):
@@ -222,7 +220,6 @@ def test_default_pmap2_spans_all_processes(engine):
     assert v['out_shape'] == [local] and not v['out_is_global']
 
 
-@xfail('inputs that are already global arrays are used as they are; outputs then stay global')
 def test_global_inputs_give_global_outputs(engine):
   n_proc, local = layout(engine)
   for v in values(engine, 'engine_global_inputs_give_global_outputs'):
@@ -230,14 +227,12 @@ def test_global_inputs_give_global_outputs(engine):
     close(v['out'], 2 * np.arange(1, n_proc * local + 1))
 
 
-@xfail('a program written for jax.pmap on multi-host gives the same numbers with pmap2')
 def test_same_numbers_as_jax_pmap_on_multi_host(engine):
   for v in values(engine, 'engine_same_numbers_as_jax_pmap'):
     for got, want in zip(v['got'], v['want']):
       close(got, want)
 
 
-@xfail('states as global arrays: a replicated ParamState trained on the default mesh')
 def test_training_loop_on_the_default_mesh_equals_reference(engine):
   n_proc, local = layout(engine)
   want_w, want_losses = reference_training(range(n_proc * local))
@@ -247,7 +242,6 @@ def test_training_loop_on_the_default_mesh_equals_reference(engine):
     assert v['w_is_global'] and v['w_replicated']
 
 
-@xfail('a mapped state created with its local shape becomes one global array on first use')
 def test_mapped_state_created_locally_becomes_global(engine):
   n_proc, local = layout(engine)
   lanes = n_proc * local
@@ -259,8 +253,6 @@ def test_mapped_state_created_locally_becomes_global(engine):
     close(v['total'], [all_rows.sum()] * local)
 
 
-@xfail('the global key is the same in every process (entropy seed agreed) and every global '
-       'lane folds in its global index')
 def test_random_lanes_distinct_across_processes_without_seed(engine):
   per_process = values(engine, 'engine_random_lanes_distinct_without_seed')
   draws = np.concatenate([v['draws_local'] for v in per_process])
@@ -268,8 +260,6 @@ def test_random_lanes_distinct_across_processes_without_seed(engine):
   assert all(v['key'] == per_process[0]['key'] for v in per_process)
 
 
-@xfail('describe(check_values=True) and explain work in every process without fetching '
-       'remote data and show which process owns which shard')
 def test_describe_and_explain_in_every_process(engine):
   n_proc, local = layout(engine)
   for v in values(engine, 'engine_describe_and_explain_stay_local'):
@@ -279,7 +269,6 @@ def test_describe_and_explain_in_every_process(engine):
     assert f"'i': {n_proc * local}" in v['explain']
 
 
-@xfail('16 lanes on an 8-device global mesh with devices=/mesh= (several lanes per device)')
 def test_more_lanes_than_devices_with_devices_and_mesh(engine):
   n_proc, local = layout(engine)
   lanes = 2 * n_proc * local
@@ -290,7 +279,6 @@ def test_more_lanes_than_devices_with_devices_and_mesh(engine):
       assert v[how]['index'] == list(range(lanes))
 
 
-@xfail('the default mesh spans all processes also with more lanes than devices')
 def test_default_more_lanes_than_devices_across_processes(engine):
   n_proc, local = layout(engine)
   lanes = 2 * n_proc * local
@@ -299,8 +287,6 @@ def test_default_more_lanes_than_devices_across_processes(engine):
     assert v['index'] == list(range(p * 2 * local, (p + 1) * 2 * local))
 
 
-@xfail('processes passing different local shapes or static arguments get a clear error in '
-       'every process on the first call of that signature (no hang)')
 def test_signature_mismatch_raises_in_every_process(engine):
   for v in values(engine, 'engine_z_signature_mismatch_raises_in_every_process'):
     for what in ('shapes', 'static'):

@@ -7,13 +7,32 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ['ArrayImpl', 'vma']
+__all__ = ['ArrayImpl', 'vma', 'distributed_client']
 
 try:
   from jax._src.array import ArrayImpl   # the concrete array type: skips tracer checks by type
 except ImportError as err:  # pragma: no cover - depends on the installed JAX
   raise ImportError(f'meshstate needs jax._src.array.ArrayImpl, which this JAX release does not '
                     f'have ({err}); install a JAX version that meshstate supports.') from err
+
+
+try:
+  from jax._src import distributed as _distributed   # the coordination service's client
+except ImportError as err:  # pragma: no cover - depends on the installed JAX
+  raise ImportError(f'meshstate needs jax._src.distributed, which this JAX release does not '
+                    f'have ({err}); install a JAX version that meshstate supports.') from err
+if not hasattr(_distributed, 'global_state'):  # pragma: no cover
+  raise ImportError('meshstate needs jax._src.distributed.global_state, which this JAX '
+                    'release does not have; install a JAX version that meshstate supports.')
+
+
+def distributed_client() -> Any:
+  """The client of `jax.distributed`'s coordination service (None without several processes).
+
+  Its key-value store lets processes agree on a value without a device collective, which
+  cannot run while a function is being traced.
+  """
+  return getattr(_distributed.global_state, 'client', None)
 
 
 def vma(aval: Any) -> frozenset:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import threading
 from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshstate._distributions import SAMPLERS, Distributions
+from meshstate._compat import distributed_client
 from meshstate._state import State, frames
 
 # DEFAULT is served by the module's __getattr__, so that it is created on first use.
@@ -34,8 +36,25 @@ P = ParamSpec('P')
 R = TypeVar('R')
 
 
+_agreed = itertools.count()   # unseeded keys made so far: the same sequence in every process
+
+
 def _entropy_seed() -> int:
-  return int(np.random.SeedSequence().entropy % 2 ** 32)
+  """A fresh seed from the OS; with several processes, process 0's, so that keys agree.
+
+  Process 0 publishes its seed in `jax.distributed`'s key-value store (no device collective,
+  so this also works while a function is traced); every process makes its unseeded keys in
+  the same order, so the n-th one agrees everywhere.
+  """
+  seed = int(np.random.SeedSequence().entropy % 2 ** 32)
+  client = distributed_client()
+  if client is None or jax.process_count() == 1:
+    return seed
+  name = f'meshstate/random/seed/{next(_agreed)}'
+  if jax.process_index() == 0:
+    client.key_value_set(name, str(seed))
+    return seed
+  return int(client.blocking_key_value_get(name, 60_000))
 
 
 def _as_key(seed_or_key: Any) -> Any:

@@ -32,7 +32,8 @@ def _state_row(path: str, state: State, check_values: bool) -> dict:
   if len(rows) == 1 and treedef.num_nodes == 1:
     return rows[0]
   merged = {'path': path, 'type': type(state).__name__}
-  for column in COLUMNS[2:] + (('note',) if check_values else ()):
+  extra = (('processes',) if jax.process_count() > 1 else ()) + (('note',) if check_values else ())
+  for column in COLUMNS[2:] + extra:
     cells = [r[column] for r in rows]
     if column == 'bytes_per_device':
       merged[column] = sum(cells)
@@ -72,6 +73,8 @@ def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
     row['shard_shape'] = shape
     row['bytes_per_device'] = math.prod(shape) * itemsize
     row['replicated'] = True
+  if jax.process_count() > 1:
+    row['processes'] = _owners(value, shape) if sharding is not None else 'this process'
   if check_values:
     row['note'] = _same_on_every_shard(value, row['mesh_axes'])
   return row
@@ -86,14 +89,47 @@ def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
   # Old pmap code stacks a copy per device; flag dimensions whose slices are all equal.
   if not mesh_axes or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
     return ''
-  host = np.asarray(value)
-  same = [d for d in mesh_axes if host.shape[d] > 1 and
-          all(np.array_equal(np.take(host, 0, axis=d), np.take(host, i, axis=d))
-              for i in range(1, host.shape[d]))]
+  same = [d for d in mesh_axes if value.shape[d] > 1 and _stacked_along(value, d)]
   if not same:
     return ''
   return (f'same value on every slice of dim {", ".join(map(str, same))}: stored stacked per '
           f'device, could be replicated')
+
+
+def _stacked_along(value: Any, dim: int) -> bool:
+  """Whether every slice of `value` along `dim` is the same.
+
+  Compares this process's shards on their devices; only one boolean comes to the host, and
+  nothing is fetched from other processes.
+  """
+  shards = value.addressable_shards
+  first = shards[0].data
+  ref = jax.lax.index_in_dim(first, 0, dim, keepdims=True)
+  region = lambda s: tuple(i for d, i in enumerate(_index_key(s.index, value.ndim))  # noqa
+                           if d != dim)
+  ref_region = region(shards[0])
+  checks = [jax.numpy.all(s.data == jax.device_put(ref, s.device)) for s in shards
+            if region(s) == ref_region]
+  others = [s for s in shards if region(s) != ref_region]
+  return all(map(bool, checks)) and not others
+
+
+def _index_key(index: tuple, ndim: int) -> tuple:
+  full = index + (slice(None),) * (ndim - len(index))
+  return tuple((i.start, i.stop) if isinstance(i, slice) else i for i in full)
+
+
+def _owners(value: Any, shape: tuple) -> str:
+  """Which process holds which shard: `p0 [0:4, :] | p1 [4:8, :]` (no data is fetched)."""
+  by_process: dict[int, list[str]] = {}
+  for device, index in value.sharding.devices_indices_map(shape).items():
+    text = '[' + ', '.join(f'{i.start or 0}:{n if i.stop is None else i.stop}'
+                           if isinstance(i, slice) and (i.start or i.stop) else ':'
+                           for i, n in zip(index, shape)) + ']'
+    cells = by_process.setdefault(device.process_index, [])
+    if text not in cells:
+      cells.append(text)
+  return ' | '.join(f'p{p} {" ".join(c)}' for p, c in sorted(by_process.items()))
 
 
 def _named_states(obj: Any) -> list[tuple[str, State]]:
@@ -122,7 +158,7 @@ class StateTable:
   def __str__(self) -> str:
     if not self.rows:
       return '(no states)'
-    columns = [c for c in (*COLUMNS, 'note') if c in self.rows[0]]
+    columns = [c for c in (*COLUMNS, 'processes', 'note') if c in self.rows[0]]
     cells = [[_cell(c, row[c]) for c in columns] for row in self.rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda items: '  '.join(s.ljust(w) for s, w in zip(items, widths)).rstrip()  # noqa

@@ -14,6 +14,7 @@ import functools
 import itertools
 import operator
 import os
+import re
 import sys
 import warnings
 import weakref
@@ -31,6 +32,8 @@ from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key
+from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
+                                            to_local)
 from meshstate.transform._plan import Plan
 
 __all__ = ['StatefulMapping', 'Layout']
@@ -62,15 +65,19 @@ class Layout:
   out_states: list = dataclasses.field(default_factory=list)
   static_reads: dict = dataclasses.field(default_factory=dict)
   static_writes: dict = dataclasses.field(default_factory=dict)
+  processes: int = 1         # processes the mesh spans (each may pass its own part)
+  local_io: bool = False     # inputs are each process's part, and so are the outputs
 
 
 class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
-               'stable', 'rewrites_all', 'single_out', 'static_reads', 'static_writes')
+               'stable', 'rewrites_all', 'single_out', 'static_reads', 'static_writes',
+               'local_io')
 
-  def __init__(self, plan: Plan, sig, last):
+  def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
+    self.local_io = local_io   # each process passes, and gets back, its own part
     self.in_states, self.out_states = list(plan.in_states), list(plan.out_states)
     self.n_out, self.out_tree = plan.n_out, plan.out_tree
     self.static_reads, self.static_writes = plan.static_reads, plan.static_writes
@@ -276,6 +283,8 @@ class StatefulMapping:
       entry.last = last
     else:
       self._settle(entry, last)
+    if entry.local_io:
+      outs = to_local(list(outs[:n]))
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
 
   def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
@@ -283,6 +292,9 @@ class StatefulMapping:
     sig = self._signature(args, kwargs)
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
+    if entry.local_io:   # this process's parts of the arguments, as one global array each
+      return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), list(
+          map(_get_value, entry.in_states))
     if not kwargs and not self._has_static and len(leaves) == len(args) and all(
         map(operator.is_, leaves, args)):
       self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
@@ -307,6 +319,8 @@ class StatefulMapping:
     key = (treedef, self._avals(args, kwargs, leaves), static)
     if self._mapper.follows_context:   # shard_map without mesh=: the context mesh of this call
       key += (self._mapper.user_mesh,)
+    if self._mapper.spans_processes():   # local parts and global arrays give other programs
+      key += (tuple(map(is_global, leaves)),)
     if _local.stack:   # traced inside another transform: the program depends on which one
       key += (context_key(),)
     return key, leaves, treedef, args, kwargs, static
@@ -427,11 +441,24 @@ class StatefulMapping:
                     slot_axes=[None] * len(leaves))
     axes = _axes.leaf_axes((per_arg, 0), (args, kwargs), 'in_axes', 'argument')
     flat = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
-    sources = [(_arg_name(p), jnp.shape(x)[a]) for (p, x), a in zip(flat, axes) if a is not None]
+    processes = jax.process_count() if self._mapper.spans_processes() else 1
+    local_io = processes > 1 and self._local_inputs(flat)
+    sources = [(_arg_name(p), jnp.shape(x)[a] * (processes if local_io else 1))
+               for (p, x), a in zip(flat, axes) if a is not None]
     size = (_axes.mapped_size(sources, self.axis_size)
             if sources or self.axis_size is not None else None)
     return Layout(self._name, size, treedef, len(leaves), per_arg, sources, self.out_axes,
-                  slot_axes=list(axes))
+                  slot_axes=list(axes), processes=processes, local_io=local_io)
+
+  def _local_inputs(self, flat: list) -> bool:
+    """Whether the arguments are each process's part (else they span all processes)."""
+    spanning = [is_global(x) for _, x in flat]
+    if any(spanning) and not all(spanning):
+      names = [_arg_name(p) for (p, _), g in zip(flat, spanning) if not g]
+      raise ValueError(f'{self.name} was called with both arrays that span all processes and '
+                       f'process-local ones ({", ".join(names)}); pass every argument as this '
+                       f"process's part (as with jax.pmap), or every one as a global array.")
+    return not (spanning and all(spanning))
 
   def _size_from_states(self, leaves: list, layout: Layout, body: Callable, paths: dict) -> int:
     """With no mapped argument: the size along the axis of the first declared state read."""
@@ -473,7 +500,7 @@ class StatefulMapping:
     for leaf in jax.tree.leaves(base):
       shape = jnp.shape(leaf)
       axis = _axes.check_axis(axis, len(shape), what, shape)
-      if shape[axis] != layout.size:
+      if shape[axis] != layout.size and shape[axis] * layout.processes != layout.size:
         where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
         raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size '
                          f'is {layout.size} (from {where}).')
@@ -553,6 +580,9 @@ class StatefulMapping:
 
   def _compile(self, key, treedef, leaves, args, kwargs, static):
     mapper = self._mapper
+    if mapper.spans_processes() and not _local.stack:
+      # Every process must trace the same program; a mismatch would hang in a collective.
+      assert_same_across_processes(re.sub(r' at 0x[0-9a-f]+', '', f'{self.name}: {key!r}'))
     paths = self._paths()
     layout = self._layout_args(treedef, leaves, args, kwargs, paths)
     fun = self.origin_fun
@@ -604,7 +634,8 @@ class StatefulMapping:
                                                 in_layout, state_out)
     program = self._program(body, random_in, layout, disc.out_avals)
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
-    entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals)
+    entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals,
+                   local_io=layout.local_io)
     self._cache.setdefault(key, []).append(entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
@@ -628,12 +659,28 @@ class StatefulMapping:
           isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == sharding.mesh
           for x in arrays):
         continue   # already on this mesh: its layout over the other axes is kept
-      if any(not x.sharding.is_equivalent_to(sharding, x.ndim) for x in arrays):
+      if not sharding.is_fully_addressable and not any(map(is_global, arrays)):
+        placed = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
+                                    layout.size)
+      elif any(not x.sharding.is_equivalent_to(sharding, x.ndim) for x in arrays):
         placed = jax.device_put(value, sharding)
-        if not _traced((placed,)):   # under a raw jax.jit: pass it on, never store a tracer
-          state._value = placed
-        vals[i] = placed
+      else:
+        continue
+      if not _traced((placed,)):   # under a raw jax.jit: pass it on, never store a tracer
+        state._value = placed
+      vals[i] = placed
     return vals
+
+  @staticmethod
+  def _to_processes(value: Any, sharding: Any, axis: Any, size: int) -> Any:
+    """A process-local state value as one array spanning the processes of `sharding`.
+
+    Mapped with its local lanes only: this process's part. Otherwise it is the whole value,
+    the same in every process.
+    """
+    if isinstance(axis, int) and _shape(value)[axis] != size:
+      return to_global(value, sharding)
+    return jax.device_put(jax.device_get(value), sharding)
 
   def _check_state_in(self, state: State, axis: Any, paths: dict) -> Any:
     if axis is None or not isinstance(axis, int):

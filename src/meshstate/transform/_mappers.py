@@ -55,6 +55,10 @@ class Mapper:
     """Where the program wants each input slot; states are placed there once."""
     return None
 
+  def spans_processes(self) -> bool:
+    """Whether each process passes only its part of the inputs (`pmap2` on several hosts)."""
+    return False
+
   def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> Traced | None:
     """Trace `probe` abstractly; return its jaxpr to analyse (None: typed by `shard_map`)."""
     return trace_mapped(probe, slots, layout)

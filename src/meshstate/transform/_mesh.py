@@ -24,6 +24,7 @@ from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
 from meshstate.transform._discover import lane_aval, trace_lanes
+from meshstate.transform._multihost import global_devices
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key',
            'spec_axes', 'block_shape']
@@ -210,7 +211,12 @@ class MeshMapper(_ShardMapMapper):
       return self.user_mesh.shape.get(name, 0)
     if self.devices is not None:
       return len(self.devices)
-    return len(jax.local_devices(backend=self.backend))
+    return len(global_devices(self.backend))
+
+  def spans_processes(self) -> bool:
+    """Whether this pmap2 maps over the devices of several processes, each passing its part."""
+    return (self.user_mesh is None and self.devices is None and current_mesh() is None
+            and jax.process_count(self.backend) > 1)
 
   def trace(self, probe, slots, layout):
     # A pmap2 called in the body finds this mesh in the context and asks for its axis.
@@ -276,7 +282,7 @@ class MeshMapper(_ShardMapMapper):
                          f'axis has size {size}{self._inner_text()}; it must be {len(devices)} '
                          f'or a multiple of it.')
     else:
-      devices = tuple(jax.local_devices(backend=self.backend))
+      devices = global_devices(self.backend)   # the local ones when there is one process
       if need > len(devices) and not self._inner and need % len(devices) == 0:
         return mesh_1d(devices, (name,), (len(devices),))   # several lanes per device
       if need > len(devices):
