@@ -2,8 +2,8 @@
 
 `tests/multiprocess.py` runs them all in one launch: first every `check_*` function (what
 works today: global arrays made explicitly, `devices=`/`mesh=` over all processes' devices),
-then every `engine_*` one (behaviour the engine does not have yet; their tests are
-`xfail(strict=True)`, and they come last so that a hang there costs no `check_*` result).
+then every `engine_*` one (pmap2 on its default mesh over all processes; they come
+last, so that a hang there costs no `check_*` result).
 A check returns plain data (lists, numbers, strings, booleans); the test in the parent
 process compares it with a reference computed there. Every process runs the same checks in
 the same order, as every multi-process JAX program must.
@@ -26,7 +26,7 @@ import meshstate
 from meshstate.random import RandomState
 from meshstate.transform import pmap2
 from meshstate.transform import _multihost as mh
-from meshstate.transform._multihost import (ProcessMismatchError, assert_same_across_processes,
+from meshstate.multihost import (ProcessMismatchError, assert_same_across_processes,
                                              gather, global_devices, is_global, local_value,
                                              to_global, to_local)
 
@@ -91,7 +91,7 @@ def _local_values(per_device: int = 1) -> np.ndarray:
 def _error(fn) -> str | None:
   try:
     fn()
-  except Exception as err:  # noqa: BLE001 - the check reports any error's text
+  except Exception as err:
     return f'{type(err).__name__}: {err}'
   return None
 
@@ -228,7 +228,7 @@ def check_multihost_docstring_examples():
   return {'failed': result.failed, 'attempted': result.attempted}
 
 
-# -- what the engine does not do yet (tests xfail(strict=True)) ------------------------------------
+# -- the default mesh over all processes ----------------------------------------------------------
 
 def engine_default_pmap2_maps_over_all_processes():
   f = pmap2(lambda v: (lax.psum(v, 'i'), lax.axis_index('i')), axis_name='i')
@@ -306,7 +306,7 @@ def engine_more_lanes_than_devices_with_devices_and_mesh():
     try:
       total, index = pmap2(program, axis_name='i', **kwargs)(x)
       outs[how] = {'psum': gather(total), 'index': gather(index)}
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
       outs[how] = f'{type(err).__name__}: {err}'
   return outs
 

@@ -289,7 +289,7 @@ def main(module_name: str, prefixes: str) -> int:
       value = fn()
       json.dumps(value, default=_jsonable)
       report(name, value=value, seconds=time.monotonic() - t0)
-    except Exception as err:  # noqa: BLE001 - every failure is reported to the parent
+    except Exception as err:
       report(name, error=f'{type(err).__name__}: {err}', seconds=time.monotonic() - t0,
              traceback=traceback.format_exc()[-3000:])
     client = distributed.global_state.client   # the coordination service: no device collective
@@ -300,7 +300,7 @@ def main(module_name: str, prefixes: str) -> int:
       _startup(begun, imported)
     try:
       client.wait_at_barrier(f'after-{name}', barrier_ms)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
       report('_barrier', error=f'not every process finished {name} within {barrier_ms} ms '
                                f'(stuck in a collective?): {type(err).__name__}: {err}')
       sys.stdout.flush()
@@ -309,7 +309,7 @@ def main(module_name: str, prefixes: str) -> int:
   if checks:
     try:
       client.wait_at_barrier('all-checks-done', barrier_ms)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
       report('_barrier', error=f'not every process finished: {type(err).__name__}: {err}')
       sys.stdout.flush()
       os._exit(3)

@@ -9,7 +9,7 @@ MODULES = ['meshstate', 'meshstate._state', 'meshstate.random', 'meshstate.nn._m
            'meshstate.transform._map', 'meshstate.transform._jit',
            'meshstate.transform._shard_map', 'meshstate.transform._loops',
            'meshstate.transform._autodiff', 'meshstate.transform._progress',
-           'meshstate.transform._multihost']
+           'meshstate.transform._multihost', 'meshstate.multihost']
 
 
 @pytest.mark.parametrize('name', MODULES)

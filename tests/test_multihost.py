@@ -2,9 +2,9 @@
 
 One launch of 2 processes x 4 CPU devices on 127.0.0.1 (gloo collectives) runs every check of
 tests/multihost_checks.py (process start and `import jax` dominate a launch): first the
-`check_*` ones (global arrays made explicitly, `devices=`/`mesh=` over all devices: works
-today), then the `engine_*` ones (behaviour of issue 7 the engine does not have yet; their
-tests are xfail(strict=True) until it does). References are computed here, in this (8-device)
+`check_*` ones (global arrays made explicitly, `devices=`/`mesh=` over all devices), then the
+`engine_*` ones (pmap2's default mesh over all processes, each passing its own part).
+References are computed here, in this (8-device)
 process: numpy, or `jax.pmap`'s numbers from inside the children.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from meshstate.random import RandomState
 from meshstate.transform import pmap2
 from multihost_checks import reference_training
 
-ENGINE = 'engine: '   # prefix of the reasons of the tests the engine work will flip
 
 
 @pytest.fixture(scope='module')
@@ -207,10 +206,6 @@ def test_multihost_docstring_examples_pass_in_every_process(today):
 
 
 # -- the engine's part of issue 7 (flip these when it lands) -------------------------------------
-
-def xfail(what):
-  return pytest.mark.xfail(strict=True, reason=ENGINE + what)
-
 
 def test_default_pmap2_spans_all_processes(engine):
   n_proc, local = layout(engine)

@@ -108,9 +108,6 @@ def test_doc_blocks_that_need_no_engine_work_run_in_two_processes(doc_run):
   assert not missing, f'doc shows {missing}, not printed'
 
 
-@pytest.mark.xfail(strict=True, reason='engine: the blocks of "What each process passes" and '
-                                       '"From one host to many" need the process-aware default '
-                                       'mesh of pmap2 (issue 7)')
 def test_every_doc_block_runs_in_two_processes(doc_run):
   bad = block_failures(doc_run, range(len(python_blocks())))
   assert not bad, '\n'.join(bad)
