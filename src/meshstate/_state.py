@@ -67,15 +67,17 @@ def frames() -> list['Frame']:
 class Frame:
   """Records, in first-touch order, the states read and written while a function is traced.
 
-  On its first touch of a state a frame saves the value it saw (so it can be put back on exit)
-  and, on a read, may replace it by a *view* (`view(state, value) -> value`): transforms use
-  that to hand the body a per-lane placeholder or an input tracer. Reads go through the
-  enclosing frame first, so nested transforms see (and record) what their parent sees.
+  A frame never changes a `State`'s shared slot. What the body sees of a state while it is
+  traced (its *view*: a per-lane placeholder, an input tracer, a value it wrote) lives in the
+  frame, which belongs to the tracing thread, so no tracer is ever visible to another thread.
+  On its first read of a state a frame may replace the value by a view
+  (`view(state, value) -> value`). Reads go through the enclosing frame first, so nested
+  transforms see (and record) what their parent sees.
   """
 
   def __init__(self, view: Callable[['State', Any], Any] | None = None):
     self.view = view
-    self.saved: dict[State, Any] = {}
+    self.values: dict[State, Any] = {}   # what this frame shows of each state it touched
     self.reads: dict[State, None] = {}
     self.static_reads: dict[State, Any] = {}   # states read holding Python values, and those
     self.writes: dict[State, None] = {}
@@ -95,43 +97,42 @@ class Frame:
     stack = _local.stack
     assert stack and stack[-1] is self, 'meshstate trace frames exited out of order'
     stack.pop()
-    self.restore()
 
-  def restore(self) -> None:
-    """Put back every value this frame replaced (its body's writes included)."""
-    for state, value in self.saved.items():
-      state._value = value
-    self.saved.clear()
+  def value_of(self, state: 'State') -> Any:
+    """What the body sees of `state` now (recording nothing)."""
+    if state in self.values:
+      return self.values[state]
+    return self.parent.value_of(state) if self.parent is not None else state._value
 
   def preset(self, state: 'State', value: Any) -> None:
     """Show `value` to the body as `state`'s value, recorded as a read."""
-    if state not in self.saved:
-      self.saved[state] = state._value
     self.reads[state] = None
     self.touched[state] = None
-    state._value = value
+    self.values[state] = value
 
   def read(self, state: 'State') -> Any:
-    if state in self.saved or id(state) in self.created:
+    if state in self.values:
+      return self.values[state]
+    if id(state) in self.created:
       return state._value
     base = self.parent.read(state) if self.parent is not None else state._value
-    self.saved[state] = state._value
     self.touched[state] = None
     if is_static_value(base):
       self.static_reads[state] = base
     else:
       self.reads[state] = None
       if self.view is not None:
-        state._value = self.view(state, base)
-    return state._value
+        base = self.view(state, base)
+    self.values[state] = base
+    return base
 
   def write(self, state: 'State', value: Any) -> None:
-    if id(state) not in self.created:
-      if state not in self.saved:
-        self.saved[state] = state._value
-      self.writes[state] = None
-      self.touched[state] = None
-    state._value = value
+    if id(state) in self.created:   # made while tracing: no other thread has it yet
+      state._value = value
+      return
+    self.writes[state] = None
+    self.touched[state] = None
+    self.values[state] = value
 
 
 def in_frame_trace() -> bool:

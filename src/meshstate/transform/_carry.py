@@ -102,7 +102,7 @@ def discover(fun: Callable, *args, preset: Mapping[State, Any] | None = None, **
         frame.preset(state, value)
       out = fun(*args, **kwargs)
       found['effects'] = (tuple(frame.reads), tuple(frame.writes),
-                          {s: _types(s._value) for s in frame.writes})
+                          {s: _types(frame.values[s]) for s in frame.writes})
     return out
 
   out = jax.eval_shape(probe)
@@ -126,10 +126,10 @@ def call(fun: Callable, states: Sequence[State], values: Sequence[Any], *args,
       frame.preset(state, value)
     out = fun(*args, **kwargs)
     if outputs is None:
-      return out, {s: s._value for s in frame.writes}
+      return out, {s: frame.values[s] for s in frame.writes}
     allowed = set(outputs)
     stray = [s for s in frame.writes if s not in allowed]
-    new = [s._value for s in outputs]
+    new = [frame.value_of(s) for s in outputs]
   if stray:
     raise RuntimeError(f'{where}: the function wrote {", ".join(map(label, stray))} on its second '
                        f'trace but not on its first; which states a function writes must not '

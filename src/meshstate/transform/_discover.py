@@ -116,7 +116,7 @@ def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],
   def probe(*lane_args):
     with Frame(view=view) as frame:
       out = body(*lane_args)
-      values = {s: s._value for s in frame.writes}
+      values = {s: frame.values[s] for s in frame.writes}
       static = {s: v for s, v in values.items() if is_static_value(v)}
       written = {s: v for s, v in values.items() if s not in static}
       found['reads'] = [s for s in frame.reads if s not in frame.static_reads]

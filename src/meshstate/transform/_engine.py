@@ -717,7 +717,7 @@ class StatefulMapping:
           frame.preset(state, value)
         out = body(*lane_slots[:n_leaves])
         stray = [s for s in frame.reads if s not in in_set]
-        new = [nxt[s] if s in nxt else s._value for s in out_states]
+        new = [nxt[s] if s in nxt else frame.value_of(s) for s in out_states]
       if stray:
         raise RuntimeError(f'{self.name} read {len(stray)} state(s) on its second trace that its '
                            f'first trace did not; state access must not depend on values.')
