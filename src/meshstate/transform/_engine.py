@@ -16,6 +16,7 @@ import operator
 import os
 import re
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -73,7 +74,7 @@ class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
                'stable', 'rewrites_all', 'single_out', 'static_reads', 'static_writes',
-               'local_io')
+               'local_io', 'weak', 'key')
 
   def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
@@ -83,7 +84,9 @@ class _Entry:
     self.static_reads, self.static_writes = plan.static_reads, plan.static_writes
     self.rewrites_all = self.in_states == self.out_states   # then new values = inputs next
     self.single_out = plan.out_tree.num_nodes == 1 and plan.out_tree.num_leaves == 1
-    self.sig, self.last = sig, last
+    self.sig, self.last = sig, _refs(last)   # `last`: references that keep nothing alive
+    self.weak = False   # whether every value it tracks can be weakly referenced
+    self.key = None
     self.stable = None  # whether a call leaves the states with the signature it was traced for
 
   def statics_hold(self) -> bool:
@@ -100,7 +103,32 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-_STALE = object()  # in `entry.last`: never the current value, forces a signature check
+_STALE = object()  # never the current value: a reference to it forces a signature check
+_stale = lambda: _STALE  # noqa: E731
+_call_lock = threading.RLock()   # held by a call from reading its states to writing them back
+CacheInfo = collections.namedtuple('CacheInfo', 'hits misses maxsize currsize')
+
+
+def _refs(values: Sequence[Any]) -> list:
+  """A reference per value that does not keep it alive where the value allows it."""
+  out = []
+  for v in values:
+    try:
+      out.append(weakref.ref(v))
+    except TypeError:   # a container (dict, tuple): identity needs the object itself
+      out.append(lambda v=v: v)
+  return out
+
+
+def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
+  """Write the states back, all or none of them."""
+  states = entry.out_states
+  old = vals if entry.rewrites_all else list(map(_get_value, states))
+  try:
+    collections.deque(map(_set_value, states, new), maxlen=0)
+  except BaseException:   # KeyboardInterrupt included: no state is left half written
+    collections.deque(map(_set_value, states, old), maxlen=0)
+    raise
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 
@@ -166,6 +194,7 @@ class StatefulMapping:
     ([0.0, 2.0, 4.0], 3.0)
   """
   _sized = True   # the mapping has one size (pmap2/vmap2); shard_map's comes from its mesh
+  default_cache_size = 64   # programs kept per mapping (least recently used ones go first)
 
   def __init__(self, fun: Callable, in_axes: Any = 0, out_axes: Any = 0,
                state_in_axes: Any = None, state_out_axes: Any = None,
@@ -216,6 +245,9 @@ class StatefulMapping:
     self._has_static = bool(self._static or self._static_names)
     self._cache: dict[Any, list[_Entry]] = {}
     self._flat: dict[tuple, list[_Entry]] = {}   # the same entry lists, keyed by avals alone
+    self._lru: collections.OrderedDict[_Entry, None] = collections.OrderedDict()
+    self.cache_size = self.default_cache_size
+    self._ncalls = self._misses = 0
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
     self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -242,6 +274,7 @@ class StatefulMapping:
     new.__dict__.update(self.__dict__)
     new.origin_fun = new.__wrapped__ = fun
     new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
+    new._lru, new._ncalls, new._misses = collections.OrderedDict(), 0, 0
     new._bound = weakref.WeakKeyDictionary()
     if hasattr(self._mapper, 'fresh'):
       new._mapper = self._mapper.fresh()
@@ -250,42 +283,73 @@ class StatefulMapping:
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
-    entry = None
-    # Fast path: positional array arguments (one leaf each), states as the last call left them.
-    if not kwargs and not self._has_static and not _local.stack:
-      try:
-        entries = self._flat.get(tuple([a.aval for a in args]))
-      except AttributeError:
-        entries = None
-      if entries:
-        entry, leaves = entries[-1], args
-        vals = list(map(_get_value, entry.in_states))
-        if not all(map(operator.is_, vals, entry.last)) or (
-            entry.static_reads and not entry.statics_hold()):
-          entry = None
-    if entry is None:
-      if _local.stack:
-        return self._call_nested(*self._signature(args, kwargs))
-      entry, leaves, vals = self._prepare(args, kwargs)
-    # Run the program, write the states back (the slots themselves), return the outputs.
-    outs = entry.fn(*leaves, *vals)
-    n = entry.n_out
-    last = vals
-    if entry.out_states:
-      new = outs[n:]
-      if type(new[0]) is not _ArrayImpl and _traced(new):
-        raise traced_write_error(f'{self.name} was called', new)
-      collections.deque(map(_set_value, entry.out_states, new), maxlen=0)
-      last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
-    for state, value in entry.static_writes:
-      state._value = value
-    if entry.stable:
-      entry.last = last
-    else:
-      self._settle(entry, last)
+    if _local.stack:
+      return self._call_nested(*self._signature(args, kwargs))
+    with _call_lock:   # read → run → write-back: atomic with respect to other meshstate calls
+      entry = None
+      # Fast path: positional array arguments (one leaf each), states as the last call left them.
+      if not kwargs and not self._has_static:
+        try:
+          entries = self._flat.get(tuple([a.aval for a in args]))
+        except AttributeError:
+          entries = None
+        if entries:
+          entry, leaves = entries[-1], args
+          vals = list(map(_get_value, entry.in_states))
+          if not all(map(operator.is_, vals, [r() for r in entry.last])) or (
+              entry.static_reads and not entry.statics_hold()):
+            entry = None
+      if entry is None:
+        entry, leaves, vals = self._prepare(args, kwargs)
+      self._lru.move_to_end(entry)
+      self._ncalls += 1
+      # Run the program, write the states back (the slots themselves), return the outputs.
+      outs = entry.fn(*leaves, *vals)
+      n = entry.n_out
+      last = vals
+      if entry.out_states:
+        new = outs[n:]
+        if type(new[0]) is not _ArrayImpl and _traced(new):
+          raise traced_write_error(f'{self.name} was called', new)
+        _write(entry, new, vals)
+        last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
+      for state, value in entry.static_writes:
+        state._value = value
+      if entry.stable:
+        entry.last = list(map(weakref.ref, last)) if entry.weak else _refs(last)
+      else:
+        self._settle(entry, last)
     if entry.local_io:
       outs = to_local(list(outs[:n]))
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
+
+  def cache_info(self) -> CacheInfo:
+    """Programs cached per call signature: `CacheInfo(hits, misses, maxsize, currsize)`.
+
+    Example:
+      >>> import jax.numpy as jnp, meshstate
+      >>> f = meshstate.transform.jit(lambda x: x + 1)
+      >>> _ = f(jnp.ones(2)); _ = f(jnp.ones(2)); _ = f(jnp.ones(3))
+      >>> info = f.cache_info()
+      >>> info.misses, info.currsize, info.maxsize == f.cache_size
+      (2, 2, True)
+    """
+    return CacheInfo(self._ncalls - self._misses, self._misses, self.cache_size, len(self._lru))
+
+  def cache_clear(self) -> None:
+    """Forget every cached program (the next call of each signature traces again).
+
+    Example:
+      >>> import jax.numpy as jnp, meshstate
+      >>> f = meshstate.transform.jit(lambda x: x + 1)
+      >>> _ = f(jnp.ones(2)); f.cache_clear(); f.cache_info().currsize
+      0
+    """
+    with _call_lock:
+      self._cache.clear()
+      self._flat.clear()
+      self._lru.clear()
+      self._ncalls = self._misses = 0
 
   def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The general path: the entry for any arguments (traced on a miss), leaves, state values."""
@@ -308,7 +372,8 @@ class StatefulMapping:
     """
     if entry.stable is None:
       entry.stable = tuple(map(self._sig, last)) == entry.sig
-    entry.last = last if entry.stable else [_STALE] * len(last)
+      entry.weak = all(isinstance(r, weakref.ref) for r in _refs(last))
+    entry.last = _refs(last) if entry.stable else [_stale] * len(last)
 
   def _signature(self, args: tuple, kwargs: dict) -> tuple:
     """`(cache key, leaves, treedef, args, kwargs, static)`, static arguments split off."""
@@ -346,10 +411,11 @@ class StatefulMapping:
 
   def _lookup(self, key, leaves, treedef, args, kwargs, static) -> _Entry:
     """The entry for `key` whose traced state signature matches the states now (else trace)."""
-    entry = self._match(self._cache.get(key, ()))
-    if entry is None:
-      entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
-    return entry
+    with _call_lock:   # one thread traces a new signature; the others then find it cached
+      entry = self._match(self._cache.get(key, ()))
+      if entry is None:
+        entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
+      return entry
 
   def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The cache entry for these arguments (traced, not run, on a miss), leaves, state values."""
@@ -369,7 +435,8 @@ class StatefulMapping:
       if not all(_same(s.value, v) for s, v in entry.static_reads):
         continue
       vals = [s.value for s in entry.in_states]   # through enclosing trace frames, if any
-      if all(map(operator.is_, vals, entry.last)) or tuple(map(self._sig, vals)) == entry.sig:
+      if all(map(operator.is_, vals, [r() for r in entry.last])) or tuple(
+          map(self._sig, vals)) == entry.sig:
         return entry
     return None
 
@@ -636,9 +703,24 @@ class StatefulMapping:
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
     entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals,
                    local_io=layout.local_io)
-    self._cache.setdefault(key, []).append(entry)
+    self._remember(key, entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
+
+  def _remember(self, key: Any, entry: _Entry) -> None:
+    """Cache `entry` under `key`, forgetting the least recently used one beyond `cache_size`."""
+    self._misses += 1
+    entry.key = key
+    self._cache.setdefault(key, []).append(entry)
+    self._lru[entry] = None
+    while len(self._lru) > max(self.cache_size, 1):
+      old, _ = self._lru.popitem(last=False)
+      entries = self._cache[old.key]
+      entries.remove(old)
+      if not entries:   # the fast path's lists are the same objects: drop those too
+        del self._cache[old.key]
+        for flat_key in [k for k, v in self._flat.items() if v is entries]:
+          del self._flat[flat_key]
 
   def _placed(self, states: list[State], layout: Layout) -> list:
     """The states' values, first moved (once) to where the program reads them.
