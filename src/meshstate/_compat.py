@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ['ArrayImpl', 'vma', 'distributed_client']
+__all__ = ['ArrayImpl', 'vma', 'distributed_client', 'api_boundary', 'hide_frames_of']
 
 try:
   from jax._src.array import ArrayImpl   # the concrete array type: skips tracer checks by type
@@ -24,6 +24,21 @@ except ImportError as err:  # pragma: no cover - depends on the installed JAX
 if not hasattr(_distributed, 'global_state'):  # pragma: no cover
   raise ImportError('meshstate needs jax._src.distributed.global_state, which this JAX '
                     'release does not have; install a JAX version that meshstate supports.')
+
+
+try:   # how JAX hides its own frames from the tracebacks of errors raised in user code
+  from jax._src.traceback_util import api_boundary, register_exclusion
+except ImportError as err:  # pragma: no cover - depends on the installed JAX
+  raise ImportError(f'meshstate needs jax._src.traceback_util, which this JAX release does not '
+                    f'have ({err}); install a JAX version that meshstate supports.') from err
+
+
+def hide_frames_of(path: str) -> None:
+  """Hide frames from files under `path` in tracebacks, as JAX hides its own.
+
+  `JAX_TRACEBACK_FILTERING=off` (JAX's switch) shows them again.
+  """
+  register_exclusion(path)
 
 
 def distributed_client() -> Any:

@@ -31,6 +31,13 @@ def normalize_state_axes(axes: Any, argname: str) -> dict[int, Callable]:
   return out
 
 
+def arg_name(path) -> str:
+  """How messages name an argument leaf, from its path in `(args, kwargs)`: `args[1]['w']`."""
+  kind, *rest = path
+  key = jax.tree_util.keystr(tuple(rest))
+  return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
+
+
 def check_axis(axis: int | None, ndim: int, what: str, shape: tuple, extra: int = 0) -> int | None:
   """Normalise a possibly negative `axis` for an array of `ndim` (+`extra`) dimensions."""
   if axis is None:
@@ -39,8 +46,9 @@ def check_axis(axis: int | None, ndim: int, what: str, shape: tuple, extra: int 
     raise TypeError(f'{what}: axis must be an int or None, got {axis!r}.')
   n = ndim + extra
   if not -n <= axis < n:
-    raise ValueError(f'{what}: axis {axis} is out of range for a value of shape {tuple(shape)} '
-                     f'(valid axes are {-n}..{n - 1}).')
+    inserted = ' once the mapped axis is inserted' if extra else ''
+    raise ValueError(f'{what}: axis {axis} is out of range for a value of shape {tuple(shape)}'
+                     f'{inserted} (valid axes are {-n}..{n - 1}).')
   return axis % n if n else axis
 
 
@@ -59,8 +67,8 @@ def leaf_axes(axes: Any, tree: Any, argname: str, what: str, extra: int = 0) -> 
   for (path, leaf), axis in zip(paths_leaves, flat):
     axis = None if axis is _UNMAPPED else axis
     shape = _shape(leaf)
-    out.append(check_axis(axis, len(shape), f'{argname} for {what}{jax.tree_util.keystr(path)}',
-                          shape, extra))
+    name = arg_name(path) if what == 'argument' else f'{what}{jax.tree_util.keystr(path)}'
+    out.append(check_axis(axis, len(shape), f'{argname} for {name}', shape, extra))
   return out
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
+from meshstate._compat import api_boundary
 from meshstate._errors import BatchAxisError
 from meshstate._state import Frame, State, _local, in_frame_trace, traced_write_error
 from meshstate.nn import Module
@@ -36,6 +37,7 @@ from meshstate.transform._mesh import NeedAxis, context_key
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
                                             to_local)
 from meshstate.transform._plan import Plan
+from meshstate.util.filter import _SameStates
 
 __all__ = ['StatefulMapping', 'Layout']
 
@@ -169,12 +171,6 @@ def state_label(state: State, paths: dict) -> str:
   return state._name if state._name else f'<{type(state).__name__}>'
 
 
-def _arg_name(path) -> str:
-  kind, *rest = path
-  key = jax.tree_util.keystr(tuple(rest))
-  return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
-
-
 class StatefulMapping:
   """Maps a function that reads and writes `State`s over an axis (the engine behind `pmap2`).
 
@@ -207,6 +203,9 @@ class StatefulMapping:
                static_argname: str = 'static_argnums'):
     if not callable(fun):
       raise TypeError(f'StatefulMapping needs a callable, got {type(fun).__name__}.')
+    if not (callable(mapping_fn) or isinstance(mapping_fn, Mapper)):
+      raise TypeError(f'mapping_fn must be a function called like jax.vmap or jax.pmap, got '
+                      f'{mapping_fn!r}.')
     if unexpected_out_state_mapping not in _POLICIES:
       raise ValueError(f'unexpected_out_state_mapping must be one of {_POLICIES}, '
                        f'got {unexpected_out_state_mapping!r}.')
@@ -282,6 +281,7 @@ class StatefulMapping:
 
   # -- the per-call hot path -------------------------------------------------------------------
 
+  @api_boundary
   def __call__(self, *args, **kwargs):
     if _local.stack:
       return self._call_nested(*self._signature(args, kwargs))
@@ -486,7 +486,7 @@ class StatefulMapping:
       try:
         jax.typeof(leaf)
       except TypeError:
-        return TypeError(f'{self.name}: argument {_arg_name(path)} is a {type(leaf).__name__}, '
+        return TypeError(f'{self.name}: argument {_axes.arg_name(path)} is a {type(leaf).__name__}, '
                          f'not an array; mark it static (static_argnums / '
                          f'static_broadcasted_argnums).')
     return TypeError(f'{self.name}: arguments must be arrays.')
@@ -510,7 +510,7 @@ class StatefulMapping:
     flat = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
     processes = jax.process_count() if self._mapper.spans_processes() else 1
     local_io = processes > 1 and self._local_inputs(flat)
-    sources = [(_arg_name(p), jnp.shape(x)[a] * (processes if local_io else 1))
+    sources = [(_axes.arg_name(p), jnp.shape(x)[a] * (processes if local_io else 1))
                for (p, x), a in zip(flat, axes) if a is not None]
     size = (_axes.mapped_size(sources, self.axis_size)
             if sources or self.axis_size is not None else None)
@@ -521,7 +521,7 @@ class StatefulMapping:
     """Whether the arguments are each process's part (else they span all processes)."""
     spanning = [is_global(x) for _, x in flat]
     if any(spanning) and not all(spanning):
-      names = [_arg_name(p) for (p, _), g in zip(flat, spanning) if not g]
+      names = [_axes.arg_name(p) for (p, _), g in zip(flat, spanning) if not g]
       raise ValueError(f'{self.name} was called with both arrays that span all processes and '
                        f'process-local ones ({", ".join(names)}); pass every argument as this '
                        f"process's part (as with jax.pmap), or every one as a global array.")
@@ -589,7 +589,7 @@ class StatefulMapping:
     what = self._describe(state, paths)
     if declared is not None:
       return _axes.check_axis(declared, disc.write_ndim[state], f'state_out_axes for {what}',
-                              (), extra=1)
+                              disc.write_shapes[state], extra=1)
     if self._name not in disc.write_vma[state]:
       return None
     if in_axis is not None:
@@ -632,7 +632,8 @@ class StatefulMapping:
   @staticmethod
   def _describe(state: State, paths: dict) -> str:
     path = paths.get(state)
-    where = f' at path {path}' if path else ''
+    where = (f' at path {".".join(map(str, path))}' if path else
+             f' {state._name!r}' if state._name else '')
     shapes = jax.tree.map(lambda x: tuple(getattr(x, 'shape', ())), state._value)
     return f'{type(state).__name__}{where} (shape {shapes})'
 
@@ -679,6 +680,7 @@ class StatefulMapping:
         break
       fed.update(more)
 
+    self._warn_unread(disc, paths)
     in_states = disc.reads
     random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
     out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_vma]
@@ -706,6 +708,20 @@ class StatefulMapping:
     self._remember(key, entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
+
+  def _warn_unread(self, disc, paths: dict) -> None:
+    """Warn about states named in state_in_axes that the function does not read.
+
+    A warning, not an error: which states a function reads may depend on a static argument.
+    """
+    named = [s for pred in self.state_in_axes.values() if isinstance(pred, _SameStates)
+             for s in pred.states]
+    unread = [s for s in named if s not in disc.reads and s not in disc.static_reads]
+    if unread:
+      warnings.warn(f'{self.name}: state_in_axes names '
+                    f'{", ".join(self._describe(s, paths) for s in unread)}, which it does not '
+                    f'read on this call; the entry has no effect.', UserWarning,
+                    stacklevel=_caller_stacklevel())
 
   def _remember(self, key: Any, entry: _Entry) -> None:
     """Cache `entry` under `key`, forgetting the least recently used one beyond `cache_size`."""
@@ -852,7 +868,7 @@ class StatefulMapping:
     paths = self.state_paths()
     label = lambda s: f'state {state_label(s, paths)}'  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(plan.treedef.unflatten(leaves))[0]
-    in_names = [_arg_name(p) for p, _ in flat] + [label(s) for s in plan.in_states]
+    in_names = [_axes.arg_name(p) for p, _ in flat] + [label(s) for s in plan.in_states]
     out_names = [f'out {i}' for i in range(plan.n_out)] + [label(s) for s in plan.out_states]
     return explain_plan(plan, leaves, vals, in_names, out_names)
 

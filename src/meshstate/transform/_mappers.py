@@ -136,6 +136,10 @@ class CustomMapper(Mapper):
     mapped = self.mapping_fn(pure, in_axes=(*layout.arg_axes, list(layout.slot_axes[n_in:])),
                              out_axes=(layout.out_axes, list(layout.out_slot_axes[n_out:])),
                              axis_name=layout.name, axis_size=layout.size)
+    if not callable(mapped):
+      raise TypeError(f'mapping_fn returned {mapped!r}, not a function: it is '
+                      f'called like jax.vmap(f, in_axes=..., out_axes=..., axis_name=..., '
+                      f'axis_size=...) and must return the mapped function.')
 
     def call(*slots):
       args, kwargs = layout.treedef.unflatten(slots[:n_in])

@@ -38,8 +38,9 @@ def mesh_1d(devices: tuple, names: tuple, shape: tuple) -> Mesh:
 
 class _Context(threading.local):
   def __init__(self):
-    # (mesh, discovering) of each enclosing pmap2/shard_map body being traced, innermost last.
-    self.stack: list[tuple[Mesh, bool]] = []
+    # (mesh, discovering, manual axes) of each enclosing pmap2/shard_map body being traced,
+    # innermost last.
+    self.stack: list[tuple[Mesh, bool, frozenset]] = []
 
 
 _context = _Context()
@@ -60,8 +61,8 @@ def _discovering() -> bool:
 
 
 @contextlib.contextmanager
-def _inside(mesh: Mesh, discovering: bool = False):
-  _context.stack.append((mesh, discovering))
+def _inside(mesh: Mesh, discovering: bool = False, manual: frozenset = frozenset()):
+  _context.stack.append((mesh, discovering, manual))
   try:
     yield
   finally:
@@ -118,8 +119,10 @@ class _ShardMapMapper(Mapper):
   def _inside_fn(self, fn, layout, mesh):
     block = self.block_fn(fn, layout)
 
+    manual = self.mesh_and_specs(layout)[1]
+
     def inside(*slots):
-      with _inside(mesh):
+      with _inside(mesh, manual=manual):
         return block(*slots)
     return inside
 
@@ -220,7 +223,7 @@ class MeshMapper(_ShardMapMapper):
 
   def trace(self, probe, slots, layout):
     # A pmap2 called in the body finds this mesh in the context and asks for its axis.
-    with _inside(self.mesh(layout.size, layout.name), discovering=True):
+    with _inside(self.mesh(layout.size, layout.name), True, frozenset({layout.name})):
       return trace_mapped(probe, slots, layout)
 
   def plan(self, body, layout, donate):
@@ -256,6 +259,11 @@ class MeshMapper(_ShardMapMapper):
     self._inner[need.name] = need.size
 
   def mesh(self, size: int, name: str) -> Mesh:
+    if any(name in manual for *_, manual in _context.stack):
+      raise ValueError(f'Nested pmap2 calls both use axis_name {name!r}: the inner one would map '
+                       f'over the axis the outer one already maps. Give the inner pmap2 another '
+                       f'axis_name (collectives over {name!r} inside it still reach the outer '
+                       f'axis).')
     mesh = self.user_mesh
     if mesh is None and current_mesh() is not None and self.devices is None:
       mesh = current_mesh()
@@ -377,7 +385,7 @@ class SpecMapper(_ShardMapMapper):
     avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
              for x, spec in zip(slots, in_specs)]
     in_axes = [frozenset(spec_axes(spec)) for spec in in_specs]
-    with _inside(mesh, discovering=True):
+    with _inside(mesh, True, manual):
       return trace_lanes(probe, avals, in_axes, [(a, mesh.shape[a]) for a in sorted(manual)])
 
 
