@@ -486,9 +486,9 @@ class StatefulMapping:
       try:
         jax.typeof(leaf)
       except TypeError:
-        return TypeError(f'{self.name}: argument {_axes.arg_name(path)} is a {type(leaf).__name__}, '
-                         f'not an array; mark it static (static_argnums / '
-                         f'static_broadcasted_argnums).')
+        return TypeError(f'{self.name}: argument {_axes.arg_name(path)} is a '
+                         f'{type(leaf).__name__}, not an array; mark it static ('
+                         f'{self._static_argname}).')
     return TypeError(f'{self.name}: arguments must be arrays.')
 
   # -- layout hooks (pmap2/vmap2: one int axis per slot; shard_map overrides) ------------------
