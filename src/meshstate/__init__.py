@@ -10,10 +10,10 @@ Example:
 from meshstate._state import (State, ParamState, ShortTermState, LongTermState, HiddenState,
                               StateTraceError)
 from meshstate._errors import BatchAxisError
-from meshstate import random, nn, util, transform, sharding, multihost
+from meshstate import random, nn, util, transform, sharding, multihost, graph
 
 __version__ = '0.1.0'
 
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
            'StateTraceError', 'BatchAxisError', 'random', 'nn', 'util', 'transform', 'sharding',
-           'multihost']
+           'multihost', 'graph']
