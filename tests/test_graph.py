@@ -34,6 +34,7 @@ class Net(meshstate.nn.Module):
     self.opt = ShortTermState({'mu': jnp.ones(2), 'nu': (jnp.zeros(3),)})
     self.shared = self.blocks[0].w   # a second path to a state: listed once
     self.name = 'net'                # plain attributes are kept by split/merge
+    self.run = meshstate.transform.jit(lambda: self.opt.value)   # shared, not copied
 
 
 def values(tree):
@@ -119,6 +120,8 @@ def test_split_and_merge_make_an_independent_copy():
   assert set(graphdef.paths) == set(net.states())
   clone = graph.merge(graphdef, params, rest)
   assert type(clone) is Net and clone is not net and clone.name == 'net'
+  assert clone.run is net.run and clone.blocks is not net.blocks
+  assert clone.blocks[0].stats is not net.blocks[0].stats
   assert clone.shared is clone.blocks[0].w                       # sharing is kept
   assert type(clone.blocks[0].stats['count']) is LongTermState
   assert_trees_equal(graph.state(clone), graph.state(net))

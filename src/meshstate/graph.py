@@ -139,12 +139,37 @@ def _with_value(template: State, value: Any) -> State:
   return new
 
 
+def _copy_graph(obj: Any, memo: dict[int, Any]) -> Any:
+  """A copy of the modules and containers below `obj` (what `Module.states` walks), with the
+  states `memo` maps replaced; any other attribute is shared, as nnx shares static ones."""
+  if id(obj) in memo:
+    return memo[id(obj)]
+  if isinstance(obj, Module):
+    new = copy.copy(obj)
+    memo[id(obj)] = new
+    vars(new).update({k: _copy_graph(v, memo) for k, v in vars(obj).items()})
+  elif isinstance(obj, (dict, list)):
+    new = copy.copy(obj)
+    memo[id(obj)] = new
+    for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+      new[k] = _copy_graph(v, memo)
+  elif isinstance(obj, tuple):
+    items = [_copy_graph(v, memo) for v in obj]
+    new = type(obj)(*items) if hasattr(obj, '_fields') else type(obj)(items)
+    memo[id(obj)] = new
+  else:
+    return obj
+  return new
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GraphDef:
   """The structure of a node without its values: what `merge` needs besides the value trees.
 
-  It holds a copy of the node whose states hold only `jax.ShapeDtypeStruct`s; `merge` copies
-  it again, so every node it builds is independent of the original and of the others.
+  It holds a copy of the node's modules and containers whose states hold only
+  `jax.ShapeDtypeStruct`s; `merge` copies those again with new states, so every node it
+  builds has its own states, modules and containers. Other attributes (numbers, strings,
+  functions, ...) are shared with the original, as nnx shares a graph's static attributes.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -237,7 +262,7 @@ def split(node: Any, *filters: Any) -> tuple:
   placeholders = {path: _with_value(s, jax.tree.map(_abstract_leaf, s._value))
                   for path, s in found.items()}
   memo = {id(found[path]): p for path, p in placeholders.items()}
-  graphdef = GraphDef(copy.deepcopy(node, memo), placeholders)
+  graphdef = GraphDef(_copy_graph(node, memo), placeholders)
   return (graphdef, *(_nest({p: s.value for p, s in g.items()}) for g in groups))
 
 
@@ -265,7 +290,7 @@ def merge(graphdef: GraphDef, tree: Any, *trees: Any) -> Any:
     raise ValueError(f'meshstate.graph.merge: no value for the states '
                      f'{", ".join(map(_text, missing))}.')
   memo = {id(s): _with_value(s, values[p]) for p, s in graphdef.slots.items()}
-  return copy.deepcopy(graphdef.template, memo)
+  return _copy_graph(graphdef.template, memo)
 
 
 def abstract(tree: Any) -> Any:
