@@ -220,7 +220,10 @@ def check_describe_shows_global_layout():
   b = meshstate.ParamState(to_global(np.ones(3, np.float32), NamedSharding(mesh, P())))
   table = meshstate.sharding.describe({'w': w, 'b': b})
   keep = ('shape', 'spec', 'shard_shape', 'bytes_per_device', 'replicated')
-  return {'rows': [{k: row[k] for k in keep} for row in table.rows], 'text': str(table)}
+  return {'rows': [{k: row[k] for k in keep} for row in table.rows], 'text': str(table),
+          'totals': table.totals, 'picture': meshstate.sharding.visualize({'w': w}),
+          'device_ids': {str(p): sorted(d.id for d in jax.devices() if d.process_index == p)
+                         for p in range(jax.process_count())}}
 
 
 def check_multihost_docstring_examples():

@@ -9,7 +9,8 @@ MODULES = ['meshstate', 'meshstate._state', 'meshstate.random', 'meshstate.nn._m
            'meshstate.transform._map', 'meshstate.transform._jit',
            'meshstate.transform._shard_map', 'meshstate.transform._loops',
            'meshstate.transform._autodiff', 'meshstate.transform._progress',
-           'meshstate.transform._multihost', 'meshstate.multihost']
+           'meshstate.transform._multihost', 'meshstate.multihost',
+           'meshstate.graph']
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -29,6 +30,8 @@ def test_public_callables_have_an_example():
             meshstate.transform.value_and_grad, meshstate.transform.vjp, meshstate.transform.jacrev,
             meshstate.transform.jacfwd, meshstate.transform.for_loop, meshstate.transform.scan,
             meshstate.transform.while_loop, meshstate.transform.cond, meshstate.transform.switch,
-            meshstate.transform.checkpoint, meshstate.transform.ProgressBar]
+            meshstate.transform.checkpoint, meshstate.transform.ProgressBar,
+            meshstate.sharding.visualize, meshstate.graph.state, meshstate.graph.update,
+            meshstate.graph.split, meshstate.graph.merge, meshstate.graph.abstract]
   missing = [f.__qualname__ for f in public if '>>>' not in (f.__doc__ or '')]
   assert not missing

@@ -198,6 +198,18 @@ def test_describe_in_every_process_shows_global_shapes(today):
     assert replicated == {'shape': [3], 'spec': 'P()', 'shard_shape': [3],
                           'bytes_per_device': 12, 'replicated': True}
     assert f'({n_proc * local},3)' in v['text']
+    assert v['totals'] == {'states': 2, 'arrays': 2, 'bytes_per_device': 24,
+                           'bytes_global': (n_proc * local + 1) * 3 * 4}
+    assert v['text'].splitlines()[-1].startswith('total: 2 states')
+    # the picture shows every global device, one row block each, and which process holds it
+    picture = v['picture'].splitlines()
+    assert picture[0] == f"w: float32[{n_proc * local},3]  P('i')  mesh i={n_proc * local}"
+    cells = [ln.split('|')[1].strip() for ln in picture if '|' in ln]
+    every_id = sorted(i for ids in v['device_ids'].values() for i in ids)
+    assert sorted(int(c) for c in cells) == every_id
+    assert picture[-1].startswith('processes: ')
+    for p, ids in v['device_ids'].items():
+      assert f'p{p} holds ' in picture[-1] and len(ids) == local
 
 
 def test_multihost_docstring_examples_pass_in_every_process(today):

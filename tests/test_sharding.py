@@ -227,6 +227,8 @@ def test_str_is_an_aligned_table(mesh2x4):
   starts = [header.index(c) for c in COLUMNS]
   assert starts == sorted(starts)
   body = [ln for ln in lines[1:] if set(ln.strip()) - {'-', ' '}]
+  assert body[-1].startswith('total:')   # the totals line (see test_totals_...) ends the table
+  body = body[:-1]
   assert len(body) == len(states)
   for path, line in zip(states, body):
     for s in starts[1:]:   # every column starts at the header's column start
@@ -376,10 +378,13 @@ def test_explain_of_vmap2_is_a_type_error():
 # -- states whose value is not a plain array ----------------------------------------------------
 
 def test_describe_state_with_pytree_value():
+  # one row per array of the pytree (formerly one row whose cells were pytrees)
   s = State({'a': jnp.ones(3), 'b': jnp.zeros((2, 2))})
   rows = describe({'tree': s}).rows
-  assert len(rows) == 1 and rows[0]['path'] == 'tree' and rows[0]['type'] == 'State'
-  assert 'tree' in str(describe({'tree': s}))
+  assert [r['path'] for r in rows] == ['tree.a', 'tree.b']
+  assert all(r['type'] == 'State' for r in rows)
+  assert [tuple(r['shape']) for r in rows] == [(3,), (2, 2)]
+  assert 'tree.b' in str(describe({'tree': s}))
 
 
 def test_describe_random_state_with_typed_key():
@@ -389,3 +394,195 @@ def test_describe_random_state_with_typed_key():
   assert row['type'] == 'RandomState'
   assert tuple(row['shape']) == ()
   assert row['bytes_per_device'] == jax.random.key_data(rs.value).nbytes
+
+
+# -- pytree-valued states, totals, HTML ---------------------------------------------------------
+
+def check_leaf_row(row, path, type_name, value):
+  """A row of one array of a (pytree-valued) state agrees with what JAX says about it."""
+  assert row['path'] == path and row['type'] == type_name
+  assert tuple(row['shape']) == tuple(value.shape) and row['dtype'] == str(value.dtype)
+  shapes, nbytes = jax_facts(value)
+  assert shapes == {tuple(row['shard_shape'])}
+  assert row['bytes_per_device'] == nbytes
+  assert row['replicated'] is bool(value.sharding.is_fully_replicated)
+  spec = getattr(value.sharding, 'spec', None)
+  if spec is not None:
+    assert row['spec'] == spec_text(spec)
+
+
+def test_optax_state_gets_one_row_per_array(mesh2x4):
+  optax = pytest.importorskip('optax')
+  params = {'w': put(np.ones((4, 8), np.float32), mesh2x4, P('data', 'model')),
+            'b': put(np.ones(8, np.float32), mesh2x4, P('model'))}
+  opt = ShortTermState(optax.adam(1e-3).init(params))
+  w = ParamState(params['w'])
+  rows = describe({'w': w, 'opt': opt}).rows
+  adam = opt.value[0]
+  expected = [('w', params['w']), ('opt.0.count', adam.count), ('opt.0.mu.b', adam.mu['b']),
+              ('opt.0.mu.w', adam.mu['w']), ('opt.0.nu.b', adam.nu['b']),
+              ('opt.0.nu.w', adam.nu['w'])]
+  assert [r['path'] for r in rows] == [p for p, _ in expected]   # EmptyState() has no arrays
+  for row, (path, value) in zip(rows, expected):
+    check_leaf_row(row, path, 'ParamState' if path == 'w' else 'ShortTermState', value)
+  # no cell holds a pytree any more: every line of the printed table is short
+  assert max(map(len, str(describe({'opt': opt})).splitlines()[:-1])) < 150
+
+
+def test_totals_count_states_and_the_bytes_one_device_holds(mesh2x4):
+  d0, d1 = jax.devices()[:2]
+  states = {
+      'w': ParamState(put(np.ones((4, 8), np.float32), mesh2x4, P('data', 'model'))),
+      'r': State(put(np.ones(8, np.float32), mesh2x4, P())),
+      'on0': State(jax.device_put(jnp.ones(5), d0)),
+      'on1': State(jax.device_put(jnp.ones(6), d1)),
+      'opt': State({'m': put(np.zeros((4, 8), np.float32), mesh2x4, P(None, 'model')),
+                    'c': jax.device_put(jnp.zeros((), jnp.int32), d1)}),
+  }
+  table = describe(states)
+  leaves = jax.tree.leaves([s.value for s in states.values()])
+  held = {}
+  for leaf in leaves:
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  assert table.totals == {'states': 5, 'arrays': 6, 'bytes_per_device': max(held.values()),
+                          'bytes_global': sum(leaf.nbytes for leaf in leaves)}
+  # not the sum of each row's largest per-device share: 'on0' and 'on1' sit on two devices
+  assert table.totals['bytes_per_device'] < sum(r['bytes_per_device'] for r in table.rows)
+  last = str(table).splitlines()[-1]
+  assert last.startswith('total: 5 states, 6 arrays')
+  assert f"{table.totals['bytes_per_device']} bytes per device" in last
+  assert f"{table.totals['bytes_global']} bytes overall" in last
+  # a value still on the host is counted on every device (a transform puts a copy on each)
+  host = describe({**states, 'host': State(np.zeros(3, np.float32))}).totals
+  assert host['bytes_per_device'] == table.totals['bytes_per_device'] + 12
+  assert host['bytes_global'] == table.totals['bytes_global'] + 12
+  assert describe([]).totals == {'states': 0, 'arrays': 0, 'bytes_per_device': 0,
+                                 'bytes_global': 0}
+
+
+class _Cells(__import__('html.parser').parser.HTMLParser):
+  """The text of each <tr>'s cells, by section (thead/tbody/tfoot)."""
+
+  def __init__(self):
+    super().__init__()
+    self.rows, self.section, self.cell = [], None, None
+
+  def handle_starttag(self, tag, attrs):
+    if tag in ('thead', 'tbody', 'tfoot'):
+      self.section = tag
+    elif tag == 'tr':
+      self.rows.append((self.section, []))
+    elif tag in ('td', 'th'):
+      self.cell = ''
+
+  def handle_endtag(self, tag):
+    if tag in ('td', 'th'):
+      self.rows[-1][1].append(self.cell)
+      self.cell = None
+
+  def handle_data(self, data):
+    if self.cell is not None:
+      self.cell += data
+
+
+def test_repr_html_is_an_escaped_table(mesh2x4):
+  states = {'<w&>': ParamState(put(np.ones((4, 8), np.float32), mesh2x4, P(None, 'model'))),
+            'n': LongTermState(jnp.zeros((), jnp.int32))}
+  table = describe(states)
+  markup = table._repr_html_()
+  assert '<w&>' not in markup and '&lt;w&amp;&gt;' in markup
+  parser = _Cells()
+  parser.feed(markup)
+  head = [cells for section, cells in parser.rows if section == 'thead']
+  body = [cells for section, cells in parser.rows if section == 'tbody']
+  foot = [cells for section, cells in parser.rows if section == 'tfoot']
+  assert head == [str(table).splitlines()[0].split()]
+  assert [c[0] for c in body] == ['<w&>', 'n']
+  for cells, row in zip(body, table.rows):
+    assert cells[1:5] == [row['type'], str(row['shape']).replace(' ', ''), row['dtype'],
+                          row['spec']]
+    assert cells[7] == str(row['bytes_per_device'])
+  assert foot == [[str(table).splitlines()[-1]]]
+
+
+# -- visualize ----------------------------------------------------------------------------------
+
+def expand(ids):
+  """{0, 1, 2, 3, 6} from '0-3,6'."""
+  out = set()
+  for part in ids.split(','):
+    lo, _, hi = part.partition('-')
+    out.update(range(int(lo), int(hi or lo) + 1))
+  return out
+
+
+def parse_picture(text):
+  """(header, {(row label, column label): device ids}) read off one picture."""
+  lines = text.splitlines()
+  first_border = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith('+'))
+  col_labels = lines[first_border - 1].split() if first_border > 1 else ['']
+  cells = {}
+  for ln in lines[first_border:]:
+    if '|' in ln:
+      row_label = ln[:ln.index('|')].strip()
+      texts = [c.strip() for c in ln[ln.index('|') + 1:].rstrip().rstrip('|').split('|')]
+      assert len(texts) == len(col_labels), text
+      cells.update({(row_label, c): expand(t) for c, t in zip(col_labels, texts)})
+  return lines[0], cells
+
+
+def blocks_by_jax(value):
+  """The same map, from JAX's own shards: which devices hold which block."""
+  shape = value.shape
+
+  def label(dim):
+    if dim is None:
+      return ''
+    s = shard.index[dim]
+    return f'{s.start or 0}:{shape[dim] if s.stop is None else s.stop}'
+
+  out = {}
+  for shard in value.addressable_shards:
+    key = (label(0) if value.ndim == 2 else '', label(value.ndim - 1) if value.ndim else '')
+    out.setdefault(key, set()).add(shard.device.id)
+  return out
+
+
+@pytest.mark.parametrize('shape, spec', [((4, 8), P('data', 'model')), ((4, 8), P(None, 'model')),
+                                         ((8, 2), P(('data', 'model'))), ((4, 8), P()),
+                                         ((8,), P('model')), ((8,), P()), ((), P())])
+def test_visualize_shows_which_device_holds_which_block(mesh2x4, shape, spec):
+  value = put(np.zeros(shape, np.float32), mesh2x4, spec)
+  header, cells = parse_picture(meshstate.sharding.visualize({'v': State(value)}))
+  dims = ','.join(map(str, shape))
+  assert header.startswith(f'v: float32[{dims}]  {spec_text(spec)}')
+  assert 'data=2, model=4' in header
+  assert cells == blocks_by_jax(value)
+
+
+def test_visualize_single_device_pytree_module_and_array(mesh2x4):
+  single = jax.device_put(jnp.ones((2, 3)), jax.devices()[3])
+  text = meshstate.sharding.visualize([State(single)])
+  header, cells = parse_picture(text)
+  assert header == '0: float32[2,3]  single device'
+  assert cells == {('0:2', '0:3'): {3}}
+  # one picture per array of a pytree-valued state, titled by its path
+  opt = State({'m': put(np.zeros((4, 8), np.float32), mesh2x4, P('data')),
+               'cube': put(np.zeros((2, 2, 8), np.float32), mesh2x4, P(None, 'data', 'model')),
+               'host': np.zeros(2), 'flag': True})
+  pictures = meshstate.sharding.visualize({'opt': opt}).split('\n\n')
+  assert [p.split(':')[0] for p in pictures] == ['opt.cube', 'opt.flag', 'opt.host', 'opt.m']
+  assert '3-D value' in pictures[0] and 'host array' in pictures[2]
+  assert 'Python value' in pictures[1]
+  assert parse_picture(pictures[3])[1] == blocks_by_jax(opt.value['m'])
+  # a Module: every state, by its dotted path; a bare array: its picture without a title
+  net = Net()
+  titles = [p.split(':')[0] for p in meshstate.sharding.visualize(net).split('\n\n')]
+  assert titles == ['.'.join(map(str, p)) for p in net.states()]
+  bare = meshstate.sharding.visualize(opt.value['m'])
+  assert bare.startswith("float32[4,8]  P('data')")
+  assert parse_picture(bare)[1] == blocks_by_jax(opt.value['m'])
+  # a bare State is titled by its type; a state holding no array says so
+  assert meshstate.sharding.visualize(ParamState(single)).startswith('ParamState: float32[2,3]')
+  assert meshstate.sharding.visualize({'e': State(None)}) == 'e: None (no arrays)'

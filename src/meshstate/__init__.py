@@ -13,7 +13,7 @@ from meshstate._compat import hide_frames_of as _hide_frames_of
 from meshstate._state import (State, ParamState, ShortTermState, LongTermState, HiddenState,
                               StateTraceError)
 from meshstate._errors import BatchAxisError
-from meshstate import random, nn, util, transform, sharding, multihost
+from meshstate import random, nn, util, transform, sharding, multihost, graph
 
 # Errors raised in user code show the user's frames, not meshstate's (JAX_TRACEBACK_FILTERING=off
 # shows them all).
@@ -23,4 +23,4 @@ __version__ = '0.1.0'
 
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
            'StateTraceError', 'BatchAxisError', 'random', 'nn', 'util', 'transform', 'sharding',
-           'multihost']
+           'multihost', 'graph']

@@ -1,7 +1,8 @@
-"""See how states are laid out on a mesh: `describe` tables and `explain` for mapped calls."""
+"""See how states are laid out on a mesh: `describe` tables, `visualize` pictures, `explain`."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 from typing import Any, Iterable
 
@@ -9,10 +10,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from meshstate._picture import draw
 from meshstate._state import State
 from meshstate.transform._axes import entry_axes
 
-__all__ = ['describe', 'StateTable', 'Explanation', 'format_spec']
+__all__ = ['describe', 'visualize', 'StateTable', 'Explanation', 'format_spec']
 
 COLUMNS = ('path', 'type', 'shape', 'dtype', 'spec', 'mesh_axes', 'shard_shape',
            'bytes_per_device', 'replicated')
@@ -25,34 +27,53 @@ def format_spec(spec: Any) -> str:
   return 'P(' + ', '.join(repr(e) for e in spec) + ')'
 
 
-def _state_row(path: str, state: State, check_values: bool) -> dict:
-  """The row of one state; a pytree value gets per-array cells in its own structure."""
-  leaves, treedef = jax.tree.flatten(state._value)
-  rows = [_row(path, type(state).__name__, leaf, check_values) for leaf in leaves]
-  if len(rows) == 1 and treedef.num_nodes == 1:
-    return rows[0]
-  merged = {'path': path, 'type': type(state).__name__}
-  extra = (('processes',) if jax.process_count() > 1 else ()) + (('note',) if check_values else ())
-  for column in COLUMNS[2:] + extra:
-    cells = [r[column] for r in rows]
-    if column == 'bytes_per_device':
-      merged[column] = sum(cells)
-    elif column == 'replicated':
-      merged[column] = all(cells)
-    else:
-      merged[column] = treedef.unflatten(cells)
-  return merged
+def _leaf_key(key: Any) -> str:
+  """One step of a pytree path as text: a dict key, an attribute name or an index."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
 
 
-def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
-  dtype = getattr(value, 'dtype', None) or np.result_type(value)
+def _leaves(path: str, value: Any) -> list[tuple[str, Any]]:
+  """`(path, leaf)` for each array of a state's value; a pytree's leaves get dotted paths."""
+  found = jax.tree_util.tree_flatten_with_path(value)[0]
+  return [('.'.join(p for p in (path, *map(_leaf_key, keys)) if p), leaf)
+          for keys, leaf in found]
+
+
+def _state_rows(path: str, state: State, check_values: bool) -> list[tuple[dict, dict, int]]:
+  """One `(row, bytes by device, global bytes)` per leaf of the state's value."""
+  leaves = _leaves(path, state._value)
+  if not leaves:   # None or an empty container: one row that says so
+    row = {'path': path, 'type': type(state).__name__, 'shape': (), 'dtype': '-', 'spec': '-',
+           'mesh_axes': {}, 'shard_shape': (), 'bytes_per_device': 0, 'replicated': True}
+    if jax.process_count() > 1:
+      row['processes'] = 'this process'
+    if check_values:
+      row['note'] = ''
+    return [(row, {}, 0)]
+  return [_row(p, type(state).__name__, leaf, check_values) for p, leaf in leaves]
+
+
+def _dtype_and_itemsize(value: Any) -> tuple[Any, int]:
+  """The dtype of an array leaf and the bytes of one element (a typed key: its key data)."""
+  dtype = getattr(value, 'dtype', None)
+  if dtype is None:
+    if not isinstance(value, (bool, int, float, complex, np.generic)):
+      return type(value).__name__, 0   # a Python object held by a static state: no device bytes
+    dtype = np.result_type(value)
   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     data = jax.random.key_data(value)   # typed keys: measure the key data they hold
-    itemsize = data.dtype.itemsize * math.prod(data.shape[np.ndim(value):])
-  else:
-    itemsize = np.dtype(dtype).itemsize
+    return dtype, data.dtype.itemsize * math.prod(data.shape[np.ndim(value):])
+  return dtype, np.dtype(dtype).itemsize
+
+
+def _row(path: str, type_name: str, value: Any, check_values: bool) -> tuple[dict, dict, int]:
+  dtype, itemsize = _dtype_and_itemsize(value)
   sharding = getattr(value, 'sharding', None)
-  shape = tuple(np.shape(value))
+  shape = tuple(np.shape(value)) if itemsize else ()
+  nbytes = math.prod(shape) * itemsize
   row = {'path': path, 'type': type_name, 'shape': shape, 'dtype': str(dtype)}
   if isinstance(sharding, NamedSharding):
     spec = sharding.spec
@@ -61,23 +82,23 @@ def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
   else:
     row['spec'] = 'single device' if sharding is not None else '-'
     row['mesh_axes'] = {}
+  per_device: dict[Any, int] = {}
   if sharding is not None:
     row['shard_shape'] = tuple(sharding.shard_shape(shape))
-    per_device: dict[Any, int] = {}
-    for shard in value.addressable_shards:
-      per_device[shard.device] = per_device.get(shard.device, 0) + math.prod(
-          _index_shape(shard.index, shape)) * itemsize
+    for device, index in sharding.devices_indices_map(shape).items():   # metadata, no data
+      per_device[device] = per_device.get(device, 0) + math.prod(
+          _index_shape(index, shape)) * itemsize
     row['bytes_per_device'] = max(per_device.values())
     row['replicated'] = bool(sharding.is_fully_replicated)
-  else:
+  else:   # a host value: every device holds a copy once a transform reads it
     row['shard_shape'] = shape
-    row['bytes_per_device'] = math.prod(shape) * itemsize
+    row['bytes_per_device'] = nbytes
     row['replicated'] = True
   if jax.process_count() > 1:
     row['processes'] = _owners(value, shape) if sharding is not None else 'this process'
   if check_values:
-    row['note'] = _same_on_every_shard(value, row['mesh_axes'])
-  return row
+    row['note'] = _same_on_every_shard(value, row['mesh_axes']) if sharding is not None else ''
+  return row, (per_device if sharding is not None else {None: nbytes}), nbytes
 
 
 def _index_shape(index: tuple, shape: tuple) -> tuple:
@@ -150,47 +171,137 @@ def _named_states(obj: Any) -> list[tuple[str, State]]:
                   f'States, got {type(obj).__name__}.')
 
 
+def _totals(n_states: int, parts: list[tuple[dict, dict, int]]) -> dict:
+  """States, the most bytes one device holds over all of them, and their global bytes."""
+  by_device: dict[Any, int] = {}
+  everywhere = 0   # host values: a copy on every device once read
+  for _, per_device, _ in parts:
+    for device, nbytes in per_device.items():
+      if device is None:
+        everywhere += nbytes
+      else:
+        by_device[device] = by_device.get(device, 0) + nbytes
+  return {'states': n_states, 'arrays': len(parts),
+          'bytes_per_device': max(by_device.values(), default=0) + everywhere,
+          'bytes_global': sum(nbytes for _, _, nbytes in parts)}
+
+
 @dataclasses.dataclass
 class StateTable:
-  """One row per state: `rows` is a list of plain dicts; `str()` aligns them for a terminal."""
+  """One row per array (each leaf of a pytree-valued state), and the totals over all states.
+
+  `rows` is a list of plain dicts; `totals` a dict with `states` (how many states), `arrays`
+  (how many rows), `bytes_per_device` (the most bytes any one device holds of all these states
+  together) and `bytes_global` (the states' sizes summed, each counted once however many
+  devices hold a copy). `str()` aligns the rows for a terminal and ends with a totals line;
+  notebooks show an HTML table (`_repr_html_`).
+  """
   rows: list[dict]
+  totals: dict = dataclasses.field(default_factory=dict)
+
+  def _columns(self) -> list[str]:
+    return [c for c in (*COLUMNS, 'processes', 'note') if c in self.rows[0]]
+
+  def _total_text(self) -> str:
+    t = self.totals
+    if not t:
+      return ''
+    return (f"total: {t['states']} state{'s' * (t['states'] != 1)}, {t['arrays']} "
+            f"array{'s' * (t['arrays'] != 1)}, {t['bytes_per_device']} bytes per device "
+            f"(the most any one device holds), {t['bytes_global']} bytes overall")
 
   def __str__(self) -> str:
     if not self.rows:
       return '(no states)'
-    columns = [c for c in (*COLUMNS, 'processes', 'note') if c in self.rows[0]]
+    columns = self._columns()
     cells = [[_cell(c, row[c]) for c in columns] for row in self.rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda items: '  '.join(s.ljust(w) for s, w in zip(items, widths)).rstrip()  # noqa
-    return '\n'.join([line(columns), line('-' * w for w in widths), *map(line, cells)])
+    lines = [line(columns), line('-' * w for w in widths), *map(line, cells)]
+    return '\n'.join(lines + [self._total_text()] * bool(self.totals))
 
   def __repr__(self) -> str:
     return str(self)
 
+  def _repr_html_(self) -> str:
+    if not self.rows:
+      return '<p>(no states)</p>'
+    columns = self._columns()
+    head = ''.join(f'<th>{html.escape(c)}</th>' for c in columns)
+    body = ''.join('<tr>' + ''.join(f'<td>{html.escape(_cell(c, row[c]))}</td>' for c in columns)
+                   + '</tr>' for row in self.rows)
+    foot = (f'<tfoot><tr><td colspan="{len(columns)}">{html.escape(self._total_text())}'
+            f'</td></tr></tfoot>' if self.totals else '')
+    return (f'<table class="meshstate-describe"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body}</tbody>{foot}</table>')
+
 
 def _cell(column: str, value: Any) -> str:
-  if column == 'mesh_axes' and all(isinstance(d, int) for d in value):
+  if column == 'mesh_axes':
     return ', '.join(f'{d}:{"+".join(map(str, a))}' for d, a in value.items()) or '-'
   if isinstance(value, tuple):
     return str(value).replace(' ', '')
-  return str(value)   # a pytree-valued state: the cell's leaves in the value's structure
+  return str(value)
 
 
 def describe(obj: Any, check_values: bool = False) -> StateTable:
   """Tabulate how each state of `obj` is laid out: spec, mesh axes, shard shape, bytes.
 
   `obj` is a Module, a StatefulMapping (the states it touched), a dict of states or an
-  iterable of states. With `check_values=True`, a `note` column flags states that are sharded
-  but hold the same value on every shard (stacked copies that could be replicated).
+  iterable of states. A state whose value is a pytree (an optimizer state, a dict) gets one row
+  per array, its path extended by the array's place in the pytree (`opt.mu.w`). The table's
+  `totals` (also its last printed line) give the number of states, the most bytes any one
+  device holds of them all, and their global size. With `check_values=True`, a `note` column
+  flags arrays that are sharded but hold the same value on every shard (stacked copies that
+  could be replicated); the shards are compared on their devices. Nothing is ever fetched
+  from another process; with several processes a `processes` column says which holds what.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
-    >>> table = meshstate.sharding.describe({'w': meshstate.ParamState(jnp.zeros((2, 3)))})
-    >>> table.rows[0]['shape'], table.rows[0]['bytes_per_device']
-    ((2, 3), 24)
+    >>> opt = meshstate.State({'mu': jnp.zeros(3), 'nu': jnp.zeros(3)})
+    >>> table = meshstate.sharding.describe({'w': meshstate.ParamState(jnp.zeros((2, 3))),
+    ...                                      'opt': opt})
+    >>> [(r['path'], r['shape'], r['bytes_per_device']) for r in table.rows]
+    [('w', (2, 3), 24), ('opt.mu', (3,), 12), ('opt.nu', (3,), 12)]
+    >>> table.totals
+    {'states': 2, 'arrays': 3, 'bytes_per_device': 48, 'bytes_global': 48}
   """
-  return StateTable([_state_row(path, state, check_values)
-                     for path, state in _named_states(obj)])
+  named = _named_states(obj)
+  parts = [part for path, state in named for part in _state_rows(path, state, check_values)]
+  return StateTable([row for row, _, _ in parts], _totals(len(named), parts))
+
+
+def visualize(obj: Any) -> str:
+  """A text picture of which devices hold which block of each array, for 0-D to 2-D values.
+
+  `obj` is one `State` or `jax.Array`, or anything `describe` takes (a Module, a
+  StatefulMapping, a dict or an iterable of states): one picture per array, each leaf of a
+  pytree-valued state included, like `jax.debug.visualize_array_sharding` but as plain text.
+  A grid cell is one block of the array (its index ranges label the rows and columns) and
+  lists the ids of the devices that hold it. Only layout metadata is read: no data moves, and
+  nothing is fetched from other processes. Returns the text; print it to see it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, meshstate
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
+    >>> w = jax.device_put(jnp.zeros((4, 8)), NamedSharding(mesh, P(None, 'model')))
+    >>> print(meshstate.sharding.visualize({'w': meshstate.ParamState(w)}))
+    w: float32[4,8]  P(None, 'model')  mesh data=2, model=4
+          0:2    2:4    4:6    6:8
+        +------+------+------+------+
+    0:4 | 0,4  | 1,5  | 2,6  | 3,7  |
+        +------+------+------+------+
+  """
+  if isinstance(obj, jax.Array):
+    return draw('', obj)
+  pictures = []
+  for name, state in _named_states(obj):
+    leaves = _leaves(name, state._value)
+    pictures += [draw(path or type(state).__name__, leaf) for path, leaf in leaves]
+    if not leaves:
+      pictures.append(f'{name or type(state).__name__}: {state._value!r} (no arrays)')
+  return '\n\n'.join(pictures)
 
 
 @dataclasses.dataclass
