@@ -57,3 +57,10 @@ def test_demo_runs_on_simulated_cpu_devices():
   header = [line for line in out.splitlines() if line.startswith('path ')]
   assert header and all(c in header[0] for c in ('spec', 'mesh_axes', 'bytes_per_device'))
   assert "weight  ParamState  (8,4)  float32  P('devices')" in out
+  # it explains what it prints: a legend for every column, the shape change, the docs
+  legend = out[out.index('(columns:'):]
+  assert all(f'{c} =' in legend for c in header[0].split())
+  assert 'weight before: shape (8,)' in out and 'weight after:  shape (8, 4)' in out
+  assert 'docs/parallelisation.ipynb' in out
+  same = out[out.index('the same draw:'):].split(':', 1)[1].split('\n\n')[0]
+  assert len(set(same.replace('[', ' ').replace(']', ' ').split())) == 1

@@ -1,6 +1,7 @@
 """``python -m meshstate``: a short demo on 8 simulated CPU devices, no accelerator needed."""
 import os
 import sys
+import textwrap
 
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 
@@ -25,6 +26,13 @@ def _section(title: str) -> None:
   print(f'\n== {title} ' + '=' * max(0, 74 - len(title)))
 
 
+_LEGEND = ("(columns: path = where the state lives in the module; type = its State class; "
+           "shape and dtype = the global value; spec = its PartitionSpec; mesh_axes = which "
+           "dimension is split over which mesh axis; shard_shape = the block one device holds; "
+           "bytes_per_device = what that block costs; replicated = whether every device holds "
+           "the whole value)")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Run the tutorial's examples (docs/parallelisation.ipynb) and show how the states lie."""
   _simulate_cpu_devices()
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
   n = jax.local_device_count()
   print(f'JAX {jax.__version__}, backend {jax.default_backend()!r}, local device count: {n}')
+  print('The tutorial this follows: docs/parallelisation.ipynb; moving from jax.pmap to '
+        'shard_map: docs/migration.md.')
 
   class Affine(meshstate.nn.Module):
     def __init__(self, size):
@@ -52,14 +62,20 @@ def main(argv: list[str] | None = None) -> int:
   model = Affine(n)
   update = pmap2(model, axis_name='devices', state_in_axes={0: params},
                  state_out_axes={0: params})
+  print(f'weight before: shape {model.weight.value.shape}, one scalar per device')
   updated = update(jnp.arange(n * 4.).reshape(n, 4))
+  print(f'weight after:  shape {model.weight.value.shape}: each device added its (4,) delta to '
+        f'its scalar, so its part is now (4,), stacked over the {n} devices')
   print('updated shape:', updated.shape)
   print('final weights:\n', model.weight.value)
 
   _section('layout of the model after the call (meshstate.sharding.describe)')
   print(meshstate.sharding.describe(model))
+  print(textwrap.fill(_LEGEND, 98))
   _section('what pmap2 hands to shard_map for that call (StatefulMapping.explain)')
   print(update.explain(jnp.zeros((n, 4))))
+  print('(in_specs/out_specs: how each argument, output and state is split over the mesh; the '
+        'program shown is the one the call runs, and .run() executes it)')
 
   if n >= 2:
     _section('2. devices=: a smaller logical mesh of two devices')
@@ -76,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
   meshstate.random.seed(0)
   sample = pmap2(lambda scale: meshstate.random.normal(0.0, scale), axis_name='devices')
   print(sample(jnp.linspace(1.0, 2.0, n)))
+  print('(each device draws from its own key, scaled by its own scale)')
   shared = pmap2(lambda key, scale: jax.random.normal(key, ()) * scale, axis_name='devices',
                  in_axes=(None, 0))
-  print('same key on every device:', shared(jax.random.PRNGKey(0), jnp.linspace(1.0, 2.0, n)))
+  print('one key passed to every device (in_axes=None), scale 1 everywhere: the same draw:',
+        shared(jax.random.PRNGKey(0), jnp.ones(n)))
 
   _section('5. StatefulMapping with a custom mapping_fn (jax.pmap, donating delta)')
   model = Affine(n)
