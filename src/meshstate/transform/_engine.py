@@ -122,6 +122,10 @@ def _refs(values: Sequence[Any]) -> list:
   return out
 
 
+_get_value = operator.attrgetter('_value')
+_set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
+
+
 def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
   """Write the states back, all or none of them."""
   states = entry.out_states
@@ -131,8 +135,6 @@ def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
   except BaseException:   # KeyboardInterrupt included: no state is left half written
     collections.deque(map(_set_value, states, old), maxlen=0)
     raise
-_get_value = operator.attrgetter('_value')
-_set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 
 
 def _shape(value: Any) -> tuple:
@@ -275,8 +277,6 @@ class StatefulMapping:
     new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
     new._lru, new._ncalls, new._misses = collections.OrderedDict(), 0, 0
     new._bound = weakref.WeakKeyDictionary()
-    if hasattr(self._mapper, 'fresh'):
-      new._mapper = self._mapper.fresh()
     return new
 
   # -- the per-call hot path -------------------------------------------------------------------
@@ -315,8 +315,13 @@ class StatefulMapping:
         last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
       for state, value in entry.static_writes:
         state._value = value
-      if entry.stable:
-        entry.last = list(map(weakref.ref, last)) if entry.weak else _refs(last)
+      if entry.stable and entry.weak:
+        try:
+          entry.last = list(map(weakref.ref, last))
+        except TypeError:   # a state now holds a value without weak references
+          entry.last = _refs(last)
+      elif entry.stable:
+        entry.last = _refs(last)
       else:
         self._settle(entry, last)
     if entry.local_io:
