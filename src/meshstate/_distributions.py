@@ -80,6 +80,14 @@ class Distributions:
   def normal(self, loc=0., scale=1., size=None, key=None, dtype=None):
     """Normal samples with mean `loc` and standard deviation `scale`.
 
+    Args:
+      loc: the mean; an array broadcasts against `scale`.
+      scale: the standard deviation.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+      dtype: the output dtype (default: JAX's default float type).
+
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
       >>> mr.normal(0.0, jnp.ones(3)).shape
@@ -92,6 +100,14 @@ class Distributions:
   @_draws
   def uniform(self, low=0., high=1., size=None, key=None, dtype=None):
     """Uniform samples on `[low, high)`.
+
+    Args:
+      low: the lower bound (included).
+      high: the upper bound (excluded).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+      dtype: the output dtype (default: JAX's default float type).
 
     Example:
       >>> import meshstate.random as mr
@@ -107,6 +123,11 @@ class Distributions:
   def randn(self, *dn, key=None):
     """Standard normal samples of shape `dn`.
 
+    Args:
+      *dn: the output shape, as separate ints (`randn(2, 3)`).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> mr.randn(2, 3).shape
@@ -118,6 +139,11 @@ class Distributions:
   def rand(self, *dn, key=None):
     """Uniform `[0, 1)` samples of shape `dn`.
 
+    Args:
+      *dn: the output shape, as separate ints (`rand(2, 3)`).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> mr.rand(4).shape
@@ -128,6 +154,11 @@ class Distributions:
   @_draws
   def random(self, size=None, key=None):
     """Uniform `[0, 1)` samples (numpy's `random.random`).
+
+    Args:
+      size: the output shape (an int or a tuple); None: a scalar.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -141,6 +172,14 @@ class Distributions:
   @_draws
   def randint(self, low, high=None, size=None, dtype=int, key=None):
     """Integers from `[low, high)`; with `high` None, from `[0, low)`.
+
+    Args:
+      low: the lowest integer drawn, or, with `high` None, the upper bound (excluded).
+      high: the upper bound (excluded).
+      size: the output shape; None: the broadcast shape of `low` and `high`.
+      dtype: the integer dtype of the output.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -157,6 +196,12 @@ class Distributions:
   def bernoulli(self, p=0.5, size=None, key=None):
     """Boolean samples that are True with probability `p`.
 
+    Args:
+      p: the probability of True; an array broadcasts.
+      size: the output shape; None: the shape of `p`.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> mr.bernoulli(0.3, size=4).dtype
@@ -169,6 +214,14 @@ class Distributions:
   def choice(self, a, size=None, replace=True, p=None, key=None):
     """Samples from `a` (an array, or an int `n` for `arange(n)`), optionally weighted by `p`.
 
+    Args:
+      a: the values to choose from (an array), or an int `n` for `arange(n)`.
+      size: the output shape; None: one scalar sample.
+      replace: draw with replacement.
+      p: the probability of each entry of `a` (None: uniform).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> sorted(mr.choice(5, size=5, replace=False).tolist())
@@ -179,6 +232,12 @@ class Distributions:
   @_draws
   def permutation(self, x, axis=0, key=None):
     """A random permutation of `arange(x)` (int `x`) or of `x` along `axis`.
+
+    Args:
+      x: an int `n` (permute `arange(n)`) or an array to permute.
+      axis: the axis of `x` to permute along.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -191,6 +250,12 @@ class Distributions:
   def shuffle(self, x, axis=0, key=None):
     """`x` shuffled along `axis`, returned (JAX arrays cannot be shuffled in place).
 
+    Args:
+      x: the array to shuffle.
+      axis: the axis to shuffle along.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
       >>> sorted(mr.shuffle(jnp.arange(3)).tolist())
@@ -201,6 +266,15 @@ class Distributions:
   @_draws
   def truncated_normal(self, lower, upper, size=None, loc=0., scale=1., key=None):
     """Normal(`loc`, `scale`) samples restricted to `[lower, upper]` (bounds in output units).
+
+    Args:
+      lower: the lower bound, in output units.
+      upper: the upper bound, in output units.
+      size: the output shape; None: the broadcast shape of the parameters.
+      loc: the mean of the untruncated normal.
+      scale: its standard deviation.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -217,6 +291,12 @@ class Distributions:
   def exponential(self, scale=1., size=None, key=None):
     """Exponential samples with mean `scale`.
 
+    Args:
+      scale: the mean (1 / rate).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> bool((mr.exponential(2.0, size=3) >= 0).all())
@@ -227,6 +307,13 @@ class Distributions:
   @_draws
   def gamma(self, shape, scale=1., size=None, key=None):
     """Gamma samples with shape parameter `shape` and scale `scale`.
+
+    Args:
+      shape: the shape parameter (k); an array broadcasts.
+      scale: the scale parameter (theta).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
@@ -240,6 +327,13 @@ class Distributions:
   def beta(self, a, b, size=None, key=None):
     """Beta(`a`, `b`) samples on `[0, 1]`.
 
+    Args:
+      a: the first shape parameter (alpha).
+      b: the second shape parameter (beta).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> mr.beta(2.0, 3.0, size=(2, 2)).shape
@@ -251,6 +345,12 @@ class Distributions:
   @_draws
   def poisson(self, lam=1., size=None, key=None):
     """Poisson samples with rate `lam` (integers).
+
+    Args:
+      lam: the rate (the mean).
+      size: the output shape; None: the shape of `lam`.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -266,6 +366,13 @@ class Distributions:
 
     With `size` None the result has `logits`' shape without `axis`.
 
+    Args:
+      logits: unnormalised log-probabilities, the categories along `axis`.
+      axis: the axis of `logits` that holds the categories.
+      size: the output shape (it must broadcast with `logits` without `axis`); None: that shape.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
       >>> mr.categorical(jnp.zeros((2, 5))).shape
@@ -276,6 +383,13 @@ class Distributions:
   @_draws
   def gumbel(self, loc=0., scale=1., size=None, key=None):
     """Gumbel samples with location `loc` and scale `scale`.
+
+    Args:
+      loc: the location.
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -288,6 +402,13 @@ class Distributions:
   def laplace(self, loc=0., scale=1., size=None, key=None):
     """Laplace samples with location `loc` and scale `scale`.
 
+    Args:
+      loc: the location (the mean).
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+
     Example:
       >>> import meshstate.random as mr
       >>> mr.laplace(1.0, 2.0).shape
@@ -298,6 +419,13 @@ class Distributions:
   @_draws
   def logistic(self, loc=0., scale=1., size=None, key=None):
     """Logistic samples with location `loc` and scale `scale`.
+
+    Args:
+      loc: the location (the mean).
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr

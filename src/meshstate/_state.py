@@ -159,6 +159,14 @@ class State:
   __slots__ = ('_value', '_name', '__weakref__')
 
   def __init__(self, value: Any, name: str | None = None):
+    """Hold `value`.
+
+    Args:
+      value: the initial value: a `jax.Array` or a pytree of arrays (it may be replaced later
+        by one of another shape or dtype), or a Python value (a bool, an int, a string), which
+        every transform treats as static.
+      name: a name for error messages and `describe` tables.
+    """
     self._value = value
     self._name = name
     stack = _local.stack

@@ -88,6 +88,12 @@ class RandomState(State, Distributions):
   `meshstate.random` is also a method that samples from (and advances) this state's key, numpy
   `RandomState` style; an explicit `key=` leaves the state untouched.
 
+  Args:
+    seed_or_key: an int seed, a PRNG key (a `uint32[2]` array or a typed key), or None for a
+      seed from the operating system's entropy (the same in every process when there are
+      several).
+    name: a name for messages and `describe` tables.
+
   Example:
     >>> from meshstate.random import RandomState
     >>> rs = RandomState(0)
@@ -107,6 +113,9 @@ class RandomState(State, Distributions):
   def seed(self, seed_or_key: Any = None) -> None:
     """Reset the key from an int seed, a key, or (None) fresh entropy.
 
+    Args:
+      seed_or_key: an int seed, a PRNG key, or None for fresh entropy.
+
     Example:
       >>> rs = RandomState(1); rs.seed(0)
       >>> rs.value.tolist()
@@ -116,6 +125,9 @@ class RandomState(State, Distributions):
 
   def split_key(self, n: int | None = None) -> Any:
     """Advance this state's key and return one fresh key (`n` None) or `n` keys stacked.
+
+    Args:
+      n: how many keys to return, stacked along a new axis 0; None returns one key.
 
     Example:
       >>> rs = RandomState(0)
@@ -161,6 +173,9 @@ def __dir__() -> list[str]:
 def seed(seed: Any = None) -> None:
   """Reseed the global `DEFAULT` state (None: fresh entropy).
 
+  Args:
+    seed: an int seed, a PRNG key, or None for fresh entropy.
+
   Example:
     >>> import meshstate.random as mr
     >>> mr.seed(3); a = mr.normal()
@@ -172,6 +187,9 @@ def seed(seed: Any = None) -> None:
 
 def split_key(n: int | None = None) -> Any:
   """One new key (or `n` stacked keys) drawn from `DEFAULT`, which advances.
+
+  Args:
+    n: how many keys to return, stacked along a new axis 0; None returns one key.
 
   Example:
     >>> import meshstate.random as mr

@@ -19,7 +19,17 @@ COLUMNS = ('path', 'type', 'shape', 'dtype', 'spec', 'mesh_axes', 'shard_shape',
 
 
 def format_spec(spec: Any) -> str:
-  """`P('data', None)` style text for a `PartitionSpec` (or '-' for None)."""
+  """`P('data', None)` style text for a `PartitionSpec` (or '-' for None).
+
+  Args:
+    spec: a `jax.sharding.PartitionSpec`, or None.
+
+  Example:
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from meshstate.sharding import format_spec
+    >>> format_spec(P('data', None)), format_spec(None)
+    ("P('data', None)", '-')
+  """
   if spec is None:
     return '-'
   return 'P(' + ', '.join(repr(e) for e in spec) + ')'
@@ -152,7 +162,15 @@ def _named_states(obj: Any) -> list[tuple[str, State]]:
 
 @dataclasses.dataclass
 class StateTable:
-  """One row per state: `rows` is a list of plain dicts; `str()` aligns them for a terminal."""
+  """One row per state: `rows` is a list of plain dicts; `str()` aligns them for a terminal.
+
+  Made by `describe`. Each row has the keys `path`, `type`, `shape`, `dtype`, `spec`,
+  `mesh_axes`, `shard_shape`, `bytes_per_device` and `replicated` (and `processes`, `note`
+  where they apply).
+
+  Args:
+    rows: the rows, one plain dict per state.
+  """
   rows: list[dict]
 
   def __str__(self) -> str:
@@ -183,6 +201,15 @@ def describe(obj: Any, check_values: bool = False) -> StateTable:
   iterable of states. With `check_values=True`, a `note` column flags states that are sharded
   but hold the same value on every shard (stacked copies that could be replicated).
 
+  Args:
+    obj: a `Module`, a `StatefulMapping` (the states it has touched), a `{name: State}` dict,
+      or an iterable of `State`s.
+    check_values: also compare the shards of each sharded state and flag those that hold the
+      same value on every shard.
+
+  Returns:
+    A `StateTable`: `str()` prints it, `.rows` holds its rows as dicts.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> table = meshstate.sharding.describe({'w': meshstate.ParamState(jnp.zeros((2, 3)))})
@@ -199,6 +226,16 @@ class Explanation:
 
   `str()` (and the REPL or notebook display) is the text; `code` is the hand-written program,
   which runs with `exec(code, namespace)` and leaves its result in `namespace['result']`.
+  Made by `StatefulMapping.explain`.
+
+  Args:
+    text: the description: the mesh, the in/out specs, the hand-written program.
+    code: the hand-written `jax.jit(jax.shard_map(...))` program, as Python source.
+    namespace: the names `code` runs with (the arguments, the state values, the function).
+    mesh: the `jax.sharding.Mesh` the program runs on.
+    in_specs: the `PartitionSpec`s of the arguments, then of the states read.
+    out_specs: the `PartitionSpec`s of the outputs, then of the states written.
+    check_vma: the `check_vma` the program runs `jax.shard_map` with.
   """
   text: str
   code: str

@@ -17,6 +17,19 @@ def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = ()
 
   Repeated calls with the same signature run the compiled program only; each written state
   keeps the sharding the program gives it. If `fun` raises, every state keeps its value.
+  Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function to compile; it may read and write `State`s.
+    static_argnums: positional arguments passed to `fun` as Python values (hashable; a new
+      value compiles a new program), as in `jax.jit`.
+    static_argnames: keyword arguments passed to `fun` as Python values.
+    donate_argnums: positional arguments whose buffers the program may reuse for its outputs;
+      do not use them after the call.
+    donate_states: donate the buffers of the states the call reads and rewrites.
+
+  Returns:
+    A `StatefulMapping` (with `lower`), or, without `fun`, a decorator that makes one.
 
   Example:
     >>> import jax.numpy as jnp, meshstate

@@ -67,6 +67,16 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
   loop; a write that changes a state's shape or dtype is an error naming the state. `pbar`
   shows progress: an int `N` reports every N steps, or pass a `ProgressBar`.
 
+  Args:
+    f: the step, `f(carry, x) -> (carry, y)`; it may read and write `State`s.
+    init: the initial carry (a pytree of arrays).
+    xs: the values to loop over, sliced along axis 0 (a pytree); None with `length`.
+    length: the number of steps, when `xs` is None (else it must agree with `xs`).
+    reverse: loop from the last slice to the first, as in `jax.lax.scan`.
+    unroll: how many steps to unroll per loop iteration, as in `jax.lax.scan`.
+    pbar: progress while the loop runs on the device: an int `N` reports every N steps,
+      `True` about 20 times, or a `ProgressBar`; None (default) reports nothing.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> total = meshstate.State(jnp.zeros(()))
@@ -110,6 +120,16 @@ def for_loop(f: Callable, *xs, length: int | None = None, reverse: bool = False,
   device: an int `N` reports every N steps, `True` about 20 times, or pass a `ProgressBar`
   (tqdm when installed, plain text otherwise).
 
+  Args:
+    f: the step, called as `f(*x)` with one slice of each of `xs`; it may read and write
+      `State`s.
+    *xs: the arrays (pytrees) to loop over along axis 0, all of the same length.
+    length: the number of steps when there is no `xs` (else it must agree with them).
+    reverse: loop from the last slice to the first.
+    unroll: how many steps to unroll per loop iteration, as in `jax.lax.scan`.
+    pbar: progress while the loop runs on the device: an int `N` reports every N steps,
+      `True` about 20 times, or a `ProgressBar`; None (default) reports nothing.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> v = meshstate.HiddenState(jnp.zeros(2))
@@ -127,6 +147,12 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   """`jax.lax.while_loop` that carries the `State`s `body_fun` writes.
 
   `cond_fun` may read states (also those the body writes) but must not write any.
+
+  Args:
+    cond_fun: `cond_fun(val) -> bool scalar`: whether to run the body again.
+    body_fun: `body_fun(val) -> val`, with the same structure, shapes and dtypes; it may
+      read and write `State`s.
+    init_val: the initial value.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -168,6 +194,12 @@ def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
   A state written by some branches keeps its value on the others; all branches must agree on
   its shape and dtype.
 
+  Args:
+    index: an integer scalar choosing the branch (clamped to the valid range, as in
+      `jax.lax.switch`).
+    branches: the functions to choose from; each is called as `branch(*operands)`.
+    *operands: the arguments passed to the chosen branch.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> a, b = meshstate.State(jnp.zeros(())), meshstate.State(jnp.zeros(()))
@@ -189,6 +221,13 @@ def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
 
 def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands) -> Any:
   """`jax.lax.cond` whose branches may write `State`s (an unwritten one keeps its value).
+
+  Args:
+    pred: a boolean scalar choosing the branch.
+    true_fun: called as `true_fun(*operands)` when `pred` is true.
+    false_fun: called as `false_fun(*operands)` otherwise; it must return the same structure,
+      shapes and dtypes.
+    *operands: the arguments passed to the chosen branch.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -228,6 +267,12 @@ def checkpoint(fun: Callable | None = None, prevent_cse: bool = True,
 
   States read are inputs of the checkpointed function, so gradients flow to them; states
   written come out of it. Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function whose intermediate values are recomputed in the backward pass.
+    prevent_cse: as in `jax.checkpoint`: keep XLA from merging the recomputation away.
+    policy: a `jax.checkpoint_policies` policy choosing what may be saved instead.
+    static_argnums: positional arguments passed to `fun` as Python values.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate

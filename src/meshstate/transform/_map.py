@@ -27,7 +27,54 @@ def pmap2(fun: Callable | None = None, axis_name: Any = None, *, in_axes: Any = 
   call every written state holds a `jax.Array` sharded on that mesh. With `mesh=`, maps over
   the axis `axis_name` of that (multi-axis) mesh, and states sharded over its other axes keep
   that layout. `donate_states=True` donates the buffers of states the call rewrites. Without
-  `fun`, returns a decorator.
+  `fun`, returns a decorator. Where it differs from `jax.pmap` (and from brainstate's `pmap2`),
+  the conformance table in the docs says so.
+
+  Args:
+    fun: the function to map. It may read and write `State`s (closed over, module attributes,
+      the global random key); they are found while it is traced. A `Module` or a bound method
+      of one lets state filters match states by their path in it.
+    axis_name: the name of the mapped axis, for collectives (`jax.lax.psum(x, axis_name)`)
+      inside `fun`. With `mesh=`, the mesh axis to map over (required then).
+    in_axes: which axis of each positional argument to map: an int (negative counts from the
+      end), None (broadcast to every device), or a tuple/pytree prefix with one entry per
+      positional argument. Keyword arguments are always mapped along axis 0.
+    out_axes: where the mapped axis appears in each output (an int, or a pytree prefix of the
+      outputs). None returns an output unmapped; that output must then be the same on every
+      device (a `ValueError` otherwise, where `jax.pmap` would return device 0's value).
+    static_broadcasted_argnums: positional arguments (counted in `fun`'s own positions,
+      negative ones from the end) passed to `fun` as Python values, not traced: they must be
+      hashable, and a new value compiles a new program.
+    devices: the devices to map over, in mesh order; the mapped size must equal their number
+      (or be a multiple of it: each device then runs several lanes). Default: all devices (of
+      every process), of which the first `size` are used.
+    backend: the platform whose devices to use when `devices` is None (`'cpu'`, `'gpu'`,
+      `'tpu'`).
+    axis_size: the mapped size. Needed when no argument and no declared state is mapped;
+      otherwise it must agree with them (a `ValueError` names both).
+    donate_argnums: positional arguments (in `fun`'s positions) whose buffers the program may
+      reuse for its outputs, as in `jax.pmap`; do not use them after the call.
+    state_in_axes: which states `fun` reads per device, and along which axis: `{axis:
+      selector}`, or a bare selector meaning `{0: selector}`. A selector is a filter of
+      `meshstate.util.filter`, a `State` subclass, a `State`, or an iterable of `State`s; the
+      first matching entry wins. States read but not selected are broadcast (every device
+      reads the whole value); `RandomState`s are always split, one key per lane.
+    state_out_axes: the same form, for states `fun` writes: a selected state is written back
+      with the mapped axis at that position (sharded over the devices). A written state not
+      selected here is written back unmapped when its new value is the same on every device,
+      and otherwise handled by `unexpected_out_state_mapping`.
+    unexpected_out_state_mapping: what to do with a state written with a value that differs
+      across devices but is not selected by `state_out_axes` (nor read with an axis from
+      `state_in_axes`): `'auto'` (default), `'warn'`, `'ignore'` or `'raise'`. See
+      `StatefulMapping` for each policy.
+    mesh: a `jax.sharding.Mesh` whose axis `axis_name` is the mapped axis; states sharded over
+      its other axes keep that layout (model parallelism). Not with `devices`.
+    donate_states: donate the buffers of the states the call reads and rewrites, so that the
+      new values may reuse their memory; the old values must not be used after the call.
+
+  Returns:
+    A `StatefulMapping` (with `explain`, `lower` and the mapping's settings as attributes),
+    or, without `fun`, a decorator that makes one.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate
@@ -71,7 +118,32 @@ def vmap2(fun: Callable | None = None, in_axes: Any = 0, out_axes: Any = 0, *,
   """Vectorise `fun` like `jax.vmap`, carrying the `State`s it reads and writes.
 
   Takes `jax.vmap`'s arguments (`spmd_axis_name` included) plus the three state arguments of
-  `pmap2`; compiled once per call signature with `jax.jit`.
+  `pmap2`; compiled once per call signature with `jax.jit`. Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function to vectorise; it may read and write `State`s.
+    in_axes: which axis of each positional argument to map: an int (negative counts from the
+      end), None (broadcast), or a tuple/pytree prefix with one entry per positional argument.
+      Keyword arguments are always mapped along axis 0.
+    out_axes: where the mapped axis appears in each output (an int, None, or a pytree prefix).
+      None needs an output that is the same on every lane.
+    axis_name: the name of the mapped axis, for collectives inside `fun`.
+    axis_size: the mapped size; needed only when nothing mapped gives it.
+    spmd_axis_name: a mesh axis (or tuple of axes) that the mapped axis is sharded over, as
+      in `jax.vmap` (the mesh is that of the arguments' `NamedSharding`s).
+    state_in_axes: which states are read per lane, and along which axis: `{axis: selector}`
+      or a bare selector (`{0: selector}`), as in `pmap2`. Others are broadcast.
+    state_out_axes: the same form, for written states: a selected state gets the mapped axis
+      at that position.
+    unexpected_out_state_mapping: the policy for a state written with per-lane values that
+      `state_out_axes` does not select: `'auto'`, `'warn'`, `'ignore'` or `'raise'` (see
+      `StatefulMapping`).
+    static_argnums: positional arguments passed to `fun` as Python values (hashable; a new
+      value traces again).
+    static_argnames: keyword arguments passed to `fun` as Python values.
+
+  Returns:
+    A `StatefulMapping`, or, without `fun`, a decorator that makes one.
 
   Example:
     >>> import jax.numpy as jnp, meshstate

@@ -35,6 +35,10 @@ def global_devices(backend: str | None = None) -> tuple:
   A 1-D mesh over these devices gives each process a contiguous block of the mapped axis, so a
   process's local part of a mapped array is one slice of the global one.
 
+  Args:
+    backend: the platform whose devices to list (`'cpu'`, `'gpu'`, `'tpu'`); None: the
+      default backend.
+
   Example:
     >>> import jax
     >>> from meshstate.transform._multihost import global_devices
@@ -50,6 +54,9 @@ def is_global(x: Any) -> bool:
 
   Such an array is only partly readable here (`to_local`, `gather`). Always False with one
   process, and for tracers, numpy arrays and Python scalars.
+
+  Args:
+    x: any value.
 
   Example:
     >>> import jax.numpy as jnp
@@ -86,6 +93,13 @@ def to_global(local_value: Any, sharding: Any, global_shape: Any = None) -> Any:
   (the same data in every process). `global_shape` (optional, per leaf) is for layouts where
   that is ambiguous. A leaf that already spans all processes is returned as it is. With one
   process this places the value on the sharding's devices.
+
+  Args:
+    local_value: this process's part: an array, or a pytree of arrays.
+    sharding: the global layout: one `jax.sharding.Sharding` for every leaf, or a pytree
+      prefix of `local_value` made of them.
+    global_shape: the global shape of each leaf (a tuple of ints, or a pytree prefix of them);
+      None infers it from the sharding.
 
   Example:
     >>> import jax, numpy as np
@@ -124,6 +138,9 @@ def to_local(global_value: Any) -> Any:
   between processes. Leaves that are already local (every leaf, with one process) are returned
   as they are.
 
+  Args:
+    global_value: a global array, or a pytree of arrays.
+
   Example:
     >>> import jax, numpy as np
     >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -147,6 +164,9 @@ def local_value(obj: Any) -> Any:
 
   A mapped state that spans processes gives this process's lanes; a replicated one its full
   value. Nothing is fetched from other processes.
+
+  Args:
+    obj: a `State`, an array, or a pytree of them.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -172,6 +192,9 @@ def gather(obj: Any) -> Any:
   An array that spans processes is gathered from all of them (every process must call
   `gather` on the same values, in the same order: it is a collective); a local one is copied
   to the host as it is. Typed PRNG keys come back as their key data.
+
+  Args:
+    obj: a `State`, an array, or a pytree of them.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -206,6 +229,10 @@ def assert_same_across_processes(description: str, what: str = 'call signature')
   `multihost_utils.assert_equal`), so different texts cannot leave a process waiting in a
   collective of another shape; on a mismatch every process gathers all the texts and raises an
   error that lists them. It is a collective: every process must reach it.
+
+  Args:
+    description: the text that must be the same in every process.
+    what: what it describes, for the error message.
 
   Example:
     >>> from meshstate.transform._multihost import assert_same_across_processes
