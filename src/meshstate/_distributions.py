@@ -31,13 +31,13 @@ def _draws(body: F) -> F:
 
   @functools.wraps(body)
   def method(self, *args, **kwargs):
-    positional = slot is not None and len(args) > slot
-    if (args[slot] if positional else kwargs.get('key')) is not None:
+    at = slot if slot is not None and len(args) > slot else None   # key passed positionally
+    if (args[at] if at is not None else kwargs.get('key')) is not None:
       return body(self, *args, **kwargs)
     before = self.value
     key = self.split_key()
-    if positional:
-      args = (*args[:slot], key, *args[slot + 1:])
+    if at is not None:
+      args = (*args[:at], key, *args[at + 1:])
     else:
       kwargs['key'] = key
     try:
@@ -77,7 +77,7 @@ class Distributions:
   __slots__ = ()
 
   @_draws
-  def normal(self, loc=0., scale=1., size=None, key=None, dtype=None):
+  def normal(self, loc=0., scale=1., size=None, key: Any = None, dtype=None):
     """Normal samples with mean `loc` and standard deviation `scale`.
 
     Args:
@@ -98,7 +98,7 @@ class Distributions:
     return _loc_scale(jax.random.normal, loc, scale, size, key, dtype)
 
   @_draws
-  def uniform(self, low=0., high=1., size=None, key=None, dtype=None):
+  def uniform(self, low=0., high=1., size=None, key: Any = None, dtype=None):
     """Uniform samples on `[low, high)`.
 
     Args:
@@ -120,7 +120,7 @@ class Distributions:
     return jax.random.uniform(key, _shape(size, low, high), dtype, low, high)
 
   @_draws
-  def randn(self, *dn, key=None):
+  def randn(self, *dn, key: Any = None):
     """Standard normal samples of shape `dn`.
 
     Args:
@@ -136,7 +136,7 @@ class Distributions:
     return self.normal(size=dn, key=key)
 
   @_draws
-  def rand(self, *dn, key=None):
+  def rand(self, *dn, key: Any = None):
     """Uniform `[0, 1)` samples of shape `dn`.
 
     Args:
@@ -152,7 +152,7 @@ class Distributions:
     return self.uniform(size=dn, key=key)
 
   @_draws
-  def random(self, size=None, key=None):
+  def random(self, size=None, key: Any = None):
     """Uniform `[0, 1)` samples (numpy's `random.random`).
 
     Args:
@@ -170,7 +170,7 @@ class Distributions:
   random_sample = random
 
   @_draws
-  def randint(self, low, high=None, size=None, dtype=int, key=None):
+  def randint(self, low, high=None, size=None, dtype=int, key: Any = None):
     """Integers from `[low, high)`; with `high` None, from `[0, low)`.
 
     Args:
@@ -193,7 +193,7 @@ class Distributions:
     return jax.random.randint(key, _shape(size, low, high), low, high, dtype)
 
   @_draws
-  def bernoulli(self, p=0.5, size=None, key=None):
+  def bernoulli(self, p=0.5, size=None, key: Any = None):
     """Boolean samples that are True with probability `p`.
 
     Args:
@@ -211,7 +211,7 @@ class Distributions:
     return jax.random.bernoulli(key, p, _shape(size, p))
 
   @_draws
-  def choice(self, a, size=None, replace=True, p=None, key=None):
+  def choice(self, a, size=None, replace=True, p=None, key: Any = None):
     """Samples from `a` (an array, or an int `n` for `arange(n)`), optionally weighted by `p`.
 
     Args:
@@ -230,7 +230,7 @@ class Distributions:
     return jax.random.choice(key, _arr(a), _shape(() if size is None else size), replace, _arr(p))
 
   @_draws
-  def permutation(self, x, axis=0, key=None):
+  def permutation(self, x, axis=0, key: Any = None):
     """A random permutation of `arange(x)` (int `x`) or of `x` along `axis`.
 
     Args:
@@ -247,7 +247,7 @@ class Distributions:
     return jax.random.permutation(key, _arr(x), axis=axis)
 
   @_draws
-  def shuffle(self, x, axis=0, key=None):
+  def shuffle(self, x, axis=0, key: Any = None):
     """`x` shuffled along `axis`, returned (JAX arrays cannot be shuffled in place).
 
     Args:
@@ -264,7 +264,7 @@ class Distributions:
     return jax.random.permutation(key, jnp.asarray(x), axis=axis)
 
   @_draws
-  def truncated_normal(self, lower, upper, size=None, loc=0., scale=1., key=None):
+  def truncated_normal(self, lower, upper, size=None, loc=0., scale=1., key: Any = None):
     """Normal(`loc`, `scale`) samples restricted to `[lower, upper]` (bounds in output units).
 
     Args:
@@ -288,7 +288,7 @@ class Distributions:
     return jnp.clip(loc + scale * z, lower, upper)
 
   @_draws
-  def exponential(self, scale=1., size=None, key=None):
+  def exponential(self, scale=1., size=None, key: Any = None):
     """Exponential samples with mean `scale`.
 
     Args:
@@ -305,7 +305,7 @@ class Distributions:
     return _loc_scale(jax.random.exponential, 0., scale, size, key, None)
 
   @_draws
-  def gamma(self, shape, scale=1., size=None, key=None):
+  def gamma(self, shape, scale=1., size=None, key: Any = None):
     """Gamma samples with shape parameter `shape` and scale `scale`.
 
     Args:
@@ -324,7 +324,7 @@ class Distributions:
     return jax.random.gamma(key, shape, _shape(size, shape, scale)) * scale
 
   @_draws
-  def beta(self, a, b, size=None, key=None):
+  def beta(self, a, b, size=None, key: Any = None):
     """Beta(`a`, `b`) samples on `[0, 1]`.
 
     Args:
@@ -343,7 +343,7 @@ class Distributions:
     return jax.random.beta(key, a, b, _shape(size, a, b))
 
   @_draws
-  def poisson(self, lam=1., size=None, key=None):
+  def poisson(self, lam=1., size=None, key: Any = None):
     """Poisson samples with rate `lam` (integers).
 
     Args:
@@ -361,7 +361,7 @@ class Distributions:
     return jax.random.poisson(key, lam, _shape(size, lam))
 
   @_draws
-  def categorical(self, logits, axis=-1, size=None, key=None):
+  def categorical(self, logits, axis=-1, size=None, key: Any = None):
     """Indices drawn from the categorical distribution with unnormalised log-probabilities `logits`.
 
     With `size` None the result has `logits`' shape without `axis`.
@@ -381,7 +381,7 @@ class Distributions:
     return jax.random.categorical(key, _arr(logits), axis, None if size is None else _shape(size))
 
   @_draws
-  def gumbel(self, loc=0., scale=1., size=None, key=None):
+  def gumbel(self, loc=0., scale=1., size=None, key: Any = None):
     """Gumbel samples with location `loc` and scale `scale`.
 
     Args:
@@ -399,7 +399,7 @@ class Distributions:
     return _loc_scale(jax.random.gumbel, loc, scale, size, key, None)
 
   @_draws
-  def laplace(self, loc=0., scale=1., size=None, key=None):
+  def laplace(self, loc=0., scale=1., size=None, key: Any = None):
     """Laplace samples with location `loc` and scale `scale`.
 
     Args:
@@ -417,7 +417,7 @@ class Distributions:
     return _loc_scale(jax.random.laplace, loc, scale, size, key, None)
 
   @_draws
-  def logistic(self, loc=0., scale=1., size=None, key=None):
+  def logistic(self, loc=0., scale=1., size=None, key: Any = None):
     """Logistic samples with location `loc` and scale `scale`.
 
     Args:

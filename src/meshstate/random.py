@@ -19,7 +19,7 @@ import functools
 import inspect
 import itertools
 import threading
-from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, ParamSpec, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,13 @@ from meshstate._distributions import SAMPLERS, Distributions
 from meshstate._compat import distributed_client
 from meshstate._state import State, frames
 
-# DEFAULT is served by the module's __getattr__, so that it is created on first use.
-__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', *SAMPLERS]  # noqa: F822
+# DEFAULT is served by the module's __getattr__, so that it is created on first use; the
+# samplers are the methods of `Distributions` (SAMPLERS), each also a function here.
+__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', 'normal', 'uniform', 'randn', 'rand',
+           'random', 'random_sample', 'randint', 'bernoulli', 'choice', 'permutation', 'shuffle',
+           'truncated_normal', 'exponential', 'gamma', 'beta', 'poisson', 'categorical', 'gumbel',
+           'laplace', 'logistic']
+assert __all__[4:] == list(SAMPLERS)
 
 P = ParamSpec('P')
 R = TypeVar('R')
@@ -46,7 +51,7 @@ def _entropy_seed() -> int:
   so this also works while a function is traced); every process makes its unseeded keys in
   the same order, so the n-th one agrees everywhere.
   """
-  seed = int(np.random.SeedSequence().entropy % 2 ** 32)
+  seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 32)
   client = distributed_client()
   if client is None or jax.process_count() == 1:
     return seed
@@ -70,7 +75,7 @@ def _as_key(seed_or_key: Any) -> Any:
     seed_or_key = np.asarray(seed_or_key)
     dtype = seed_or_key.dtype
   shape = jnp.shape(seed_or_key)
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
     return seed_or_key
   if shape == () and jnp.issubdtype(dtype, jnp.integer):
     return jax.random.PRNGKey(seed_or_key)  # a traced or array-valued integer seed
@@ -141,6 +146,7 @@ class RandomState(State, Distributions):
 
 RandomState.__module__ = 'meshstate.random'
 
+DEFAULT: RandomState   # declared for type checkers; the module's __getattr__ makes it
 _default_state: RandomState | None = None
 _default_lock = threading.Lock()
 

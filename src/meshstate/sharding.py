@@ -6,6 +6,7 @@ import math
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -41,7 +42,7 @@ def _state_row(path: str, state: State, check_values: bool) -> dict:
   rows = [_row(path, type(state).__name__, leaf, check_values) for leaf in leaves]
   if len(rows) == 1 and treedef.num_nodes == 1:
     return rows[0]
-  merged = {'path': path, 'type': type(state).__name__}
+  merged: dict[str, Any] = {'path': path, 'type': type(state).__name__}
   extra = (('processes',) if jax.process_count() > 1 else ()) + (('note',) if check_values else ())
   for column in COLUMNS[2:] + extra:
     cells = [r[column] for r in rows]
@@ -56,7 +57,7 @@ def _state_row(path: str, state: State, check_values: bool) -> dict:
 
 def _row(path: str, type_name: str, value: Any, check_values: bool) -> dict:
   dtype = getattr(value, 'dtype', None) or np.result_type(value)
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
     data = jax.random.key_data(value)   # typed keys: measure the key data they hold
     itemsize = data.dtype.itemsize * math.prod(data.shape[np.ndim(value):])
   else:
@@ -97,7 +98,7 @@ def _index_shape(index: tuple, shape: tuple) -> tuple:
 
 def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
   # Old pmap code stacks a copy per device; flag dimensions whose slices are all equal.
-  if not mesh_axes or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+  if not mesh_axes or jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
     return ''
   same = [d for d in mesh_axes if value.shape[d] > 1 and _stacked_along(value, d)]
   if not same:

@@ -10,7 +10,7 @@ gradients, as `(state_grads, arg_grads)` when both are asked for.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +132,20 @@ def _transformed(where: str, transform: Callable, fun, grad_states, argnums, has
   return call
 
 
-def grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = None,
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+@overload
+def grad(fun: Callable[..., Any], grad_states: Any = None, argnums: Any = None,
          holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
-         return_value: bool = False) -> Callable:
+         return_value: bool = False) -> Callable[..., Any]: ...
+@overload
+def grad(fun: None = None, grad_states: Any = None, argnums: Any = None,
+         holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
+         return_value: bool = False) -> Decorator: ...
+def grad(fun: Callable[..., Any] | None = None, grad_states: Any = None, argnums: Any = None,
+         holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
+         return_value: bool = False) -> Callable[..., Any] | Decorator:
   """The gradient of `fun` with respect to `grad_states` and/or positional `argnums`.
 
   Returns a function giving `grads`, `(grads, value)` with `return_value`, `(grads, aux)` with
@@ -176,9 +187,17 @@ def grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = No
                       holomorphic=holomorphic, allow_int=allow_int)
 
 
-def value_and_grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = None,
+@overload
+def value_and_grad(fun: Callable[..., Any], grad_states: Any = None, argnums: Any = None,
                    has_aux: bool | None = None, holomorphic: bool = False,
-                   allow_int: bool = False) -> Callable:
+                   allow_int: bool = False) -> Callable[..., Any]: ...
+@overload
+def value_and_grad(fun: None = None, grad_states: Any = None, argnums: Any = None,
+                   has_aux: bool | None = None, holomorphic: bool = False,
+                   allow_int: bool = False) -> Decorator: ...
+def value_and_grad(fun: Callable[..., Any] | None = None, grad_states: Any = None,
+                   argnums: Any = None, has_aux: bool | None = None, holomorphic: bool = False,
+                   allow_int: bool = False) -> Callable[..., Any] | Decorator:
   """Like `jax.value_and_grad`: `(value, grads)`, or `((value, aux), grads)` with `has_aux`.
 
   `grads` is as in `grad` (state gradients in `grad_states`' container, then argnum gradients).

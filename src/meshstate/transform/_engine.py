@@ -124,7 +124,7 @@ def _caller_stacklevel() -> int:
 def _traced(outs: Sequence[Any]) -> bool:
   """Whether the program ran under an enclosing JAX trace (its results are tracers)."""
   leaves = jax.tree.leaves(outs[0]) if len(outs) else ()
-  return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)
+  return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _module_of(fun: Any) -> Module | None:
@@ -227,6 +227,10 @@ class StatefulMapping:
     ([0.0, 2.0, 4.0], 3.0)
   """
   _sized = True   # the mapping has one size (pmap2/vmap2); shard_map's comes from its mesh
+  # Set by `functools.update_wrapper` (declared for the type checker).
+  __name__: str
+  __qualname__: str
+  __wrapped__: Callable[..., Any]
 
   def __init__(self, fun: Callable, in_axes: Any = 0, out_axes: Any = 0,
                state_in_axes: Any = None, state_out_axes: Any = None,
@@ -464,7 +468,7 @@ class StatefulMapping:
             and names[i] in kwargs}
 
   @staticmethod
-  def _with_static(args: tuple, kwargs: dict, static: tuple):
+  def _with_static(args: Any, kwargs: dict, static: tuple):
     if not static:
       return args, kwargs
     args, kwargs = list(args), dict(kwargs)
@@ -656,7 +660,7 @@ class StatefulMapping:
     if mapper.mapped and layout.size is None and self._sized:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
-    view = None
+    view = None  # pyright: ignore[reportAssignmentType]
     if mapper.mapped:
       def view(state, base):
         return self._view(state, base, layout, paths, fed)
@@ -733,7 +737,7 @@ class StatefulMapping:
     return vals
 
   @staticmethod
-  def _to_processes(value: Any, sharding: Any, axis: Any, size: int) -> Any:
+  def _to_processes(value: Any, sharding: Any, axis: Any, size: int | None) -> Any:
     """A process-local state value as one array spanning the processes of `sharding`.
 
     Mapped with its local lanes only: this process's part. Otherwise it is the whole value,

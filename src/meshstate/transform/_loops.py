@@ -8,7 +8,7 @@ value on that branch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 import jax.numpy as jnp
@@ -260,9 +260,18 @@ def _branch(where: str, select: Callable, branches: list, operands: tuple) -> An
   return out
 
 
-def checkpoint(fun: Callable | None = None, prevent_cse: bool = True,
-               policy: Callable | None = None,
-               static_argnums: int | Sequence[int] = ()) -> Callable:
+@overload
+def checkpoint(fun: Callable[..., Any], prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None,
+               static_argnums: int | Sequence[int] = ()) -> Callable[..., Any]: ...
+@overload
+def checkpoint(fun: None = None, prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None,
+               static_argnums: int | Sequence[int] = ()
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+def checkpoint(fun: Callable[..., Any] | None = None, prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None, static_argnums: int | Sequence[int] = ()
+               ) -> Callable[..., Any]:
   """`jax.checkpoint` (rematerialisation) of a function that reads and writes `State`s.
 
   States read are inputs of the checkpointed function, so gradients flow to them; states

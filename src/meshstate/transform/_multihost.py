@@ -14,12 +14,14 @@ collective: every process must call them, in the same order, with values of the 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 __all__ = ['global_devices', 'is_global', 'to_global', 'to_local', 'local_value', 'gather',
            'assert_same_across_processes', 'ProcessMismatchError']
@@ -64,7 +66,7 @@ def is_global(x: Any) -> bool:
     >>> is_global(jnp.ones(3)), is_global(3.0)
     (False, False)
   """
-  return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  return (isinstance(x, jax.Array) and not isinstance(x, Tracer)
           and not x.is_fully_addressable)
 
 
@@ -80,7 +82,8 @@ def _leaf_to_global(x: Any, sharding: Sharding, global_shape: tuple | None) -> j
     return x
   if global_shape is None and isinstance(sharding, NamedSharding):
     # Reuses the local buffers when `x` is already laid out on this process's devices.
-    return multihost_utils.host_local_array_to_global_array(x, sharding.mesh, sharding.spec)
+    return multihost_utils.host_local_array_to_global_array(x, cast(Mesh, sharding.mesh),
+                                                            sharding.spec)
   return jax.make_array_from_process_local_data(sharding, np.asarray(x), global_shape)
 
 
@@ -127,7 +130,8 @@ def _leaf_to_local(x: Any) -> Any:
   if not isinstance(sharding, NamedSharding):
     raise TypeError(f'to_local needs a NamedSharding to find the local part of an array that '
                     f'spans processes; got an array of shape {x.shape} with {sharding}.')
-  return multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec)
+  return multihost_utils.global_array_to_host_local_array(x, cast(Mesh, sharding.mesh),
+                                                          sharding.spec)
 
 
 def to_local(global_value: Any) -> Any:
@@ -179,7 +183,7 @@ def local_value(obj: Any) -> Any:
 
 
 def _leaf_gather(x: Any) -> np.ndarray:
-  if jax.dtypes.issubdtype(getattr(x, 'dtype', None) or np.result_type(x), jax.dtypes.prng_key):
+  if jnp.issubdtype(getattr(x, 'dtype', None) or np.result_type(x), jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if is_global(x):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

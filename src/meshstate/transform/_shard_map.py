@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 from jax import lax
@@ -172,11 +172,26 @@ class StatefulShardMap(StatefulMapping):
     return spec
 
 
-def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: Any = None,
+Decorator = Callable[[Callable[..., Any]], StatefulShardMap]
+
+
+@overload
+def shard_map(fun: Callable[..., Any], mesh: Mesh | None = None, in_specs: Any = None,
               out_specs: Any = None, *, state_in_specs: Any = None, state_out_specs: Any = None,
               check_vma: bool = True, axis_names: Any = None,
               static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
-              donate_states: bool = False) -> StatefulShardMap | Callable:
+              donate_states: bool = False) -> StatefulShardMap: ...
+@overload
+def shard_map(fun: None = None, mesh: Mesh | None = None, in_specs: Any = None,
+              out_specs: Any = None, *, state_in_specs: Any = None, state_out_specs: Any = None,
+              check_vma: bool = True, axis_names: Any = None,
+              static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+              donate_states: bool = False) -> Decorator: ...
+def shard_map(fun: Callable[..., Any] | None = None, mesh: Mesh | None = None,
+              in_specs: Any = None, out_specs: Any = None, *, state_in_specs: Any = None,
+              state_out_specs: Any = None, check_vma: bool = True, axis_names: Any = None,
+              static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+              donate_states: bool = False) -> StatefulShardMap | Decorator:
   """`jax.shard_map` under `jax.jit` that reads and writes `State`s with explicit specs.
 
   `mesh`, `in_specs` and `out_specs` may be passed positionally (as in brainstate) or by
@@ -234,4 +249,7 @@ def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: A
                 check_vma=check_vma, axis_names=axis_names)
   if fun is None:
     return functools.partial(shard_map, **kwargs)
-  return StatefulShardMap(fun, **kwargs)
+  return StatefulShardMap(fun, mesh, in_specs, out_specs, state_in_specs=state_in_specs,
+                          state_out_specs=state_out_specs, static_argnums=static_argnums,
+                          donate_argnums=donate_argnums, donate_states=donate_states,
+                          check_vma=check_vma, axis_names=axis_names)

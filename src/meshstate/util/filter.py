@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any as _AnyType, Callable, Hashable
+from typing import Any as _AnyType, Callable, Hashable, cast
 
 from meshstate._state import State
 
@@ -45,7 +45,7 @@ class Filter:
     return ()
 
   def __eq__(self, other: object) -> bool:
-    if type(self) is not type(other):
+    if type(self) is not type(other) or not isinstance(other, Filter):
       return NotImplemented
     return self._key() == other._key()
 
@@ -307,7 +307,7 @@ def to_predicate(selector: _AnyType) -> Predicate:
     raise TypeError(f'Cannot use {selector!r} as a state selector; use '
                     f'meshstate.util.filter.Everything() or Nothing() instead.')
   if callable(selector):
-    return selector
+    return cast(Predicate, selector)
   raise TypeError(f'Cannot use {selector!r} (of type {type(selector).__name__}) as a state '
                   f'selector: expected a filter, a callable (path, state) -> bool, a State, an '
                   f'iterable of States, a State subclass or a path element name (str).')
