@@ -290,7 +290,7 @@ def jacfwd(fun: Callable, grad_states: Any = None, argnums: Any = None,
                       holomorphic=holomorphic)
 
 
-def vjp(fun: Callable, *primals, grad_states: Any = None, argnums: Any = 0,
+def vjp(fun: Callable, *primals: Any, grad_states: Any = None, argnums: Any = 0,
         has_aux: bool = False) -> tuple:
   """`(out, vjp_fn)` (and `aux` with `has_aux`): `fun`'s pullback w.r.t. states and/or args.
 

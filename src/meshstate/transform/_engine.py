@@ -18,7 +18,7 @@ import re
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ from meshstate.transform._mesh import NeedAxis, context_key
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
                                             to_local)
 from meshstate.transform._plan import Plan
+
+if TYPE_CHECKING:   # imported when called (sharding.py reads plans; it never imports the engine)
+  from meshstate.sharding import Explanation
+  from meshstate.transform._aot import Lowered
 
 __all__ = ['StatefulMapping', 'Layout']
 
@@ -813,7 +817,7 @@ class StatefulMapping:
 
   # -- introspection ---------------------------------------------------------------------------
 
-  def explain(self, *args, **kwargs):
+  def explain(self, *args: Any, **kwargs: Any) -> Explanation:
     """The mesh, the in/out specs and the hand-written program that this call runs.
 
     Traces (without running) when the signature is new, and reads the `Plan` the engine runs:
@@ -846,7 +850,7 @@ class StatefulMapping:
     out_names = [f'out {i}' for i in range(plan.n_out)] + [label(s) for s in plan.out_states]
     return explain_plan(plan, leaves, vals, in_names, out_names)
 
-  def lower(self, *args, **kwargs):
+  def lower(self, *args: Any, **kwargs: Any) -> Lowered:
     """The program for these arguments (arrays or `jax.ShapeDtypeStruct`s), lowered.
 
     Its `compile()` is called with the user's arguments, returns the user's output structure

@@ -111,7 +111,7 @@ def _scan(where, f, init, xs, length, reverse, unroll, pbar):
   return c, ys
 
 
-def for_loop(f: Callable, *xs, length: int | None = None, reverse: bool = False,
+def for_loop(f: Callable, *xs: Any, length: int | None = None, reverse: bool = False,
              unroll: int | bool = 1, pbar: Any = None) -> Any:
   """Call `f(*x)` for each slice `x` of `xs` along axis 0, carrying the `State`s it writes.
 
@@ -188,7 +188,7 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   return val
 
 
-def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
+def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
   """`jax.lax.switch` whose branches may write `State`s.
 
   A state written by some branches keeps its value on the others; all branches must agree on
@@ -219,7 +219,7 @@ def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
   return _branch('switch', lambda fns, ops: lax.switch(index, fns, *ops), branches, operands)
 
 
-def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands) -> Any:
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
   """`jax.lax.cond` whose branches may write `State`s (an unwritten one keeps its value).
 
   Args:
