@@ -31,13 +31,13 @@ def _draws(body: F) -> F:
 
   @functools.wraps(body)
   def method(self, *args, **kwargs):
-    positional = slot is not None and len(args) > slot
-    if (args[slot] if positional else kwargs.get('key')) is not None:
+    at = slot if slot is not None and len(args) > slot else None   # key passed positionally
+    if (args[at] if at is not None else kwargs.get('key')) is not None:
       return body(self, *args, **kwargs)
     before = self.value
     key = self.split_key()
-    if positional:
-      args = (*args[:slot], key, *args[slot + 1:])
+    if at is not None:
+      args = (*args[:at], key, *args[at + 1:])
     else:
       kwargs['key'] = key
     try:
@@ -77,8 +77,16 @@ class Distributions:
   __slots__ = ()
 
   @_draws
-  def normal(self, loc=0., scale=1., size=None, key=None, dtype=None):
+  def normal(self, loc=0., scale=1., size=None, key: Any = None, dtype=None):
     """Normal samples with mean `loc` and standard deviation `scale`.
+
+    Args:
+      loc: the mean; an array broadcasts against `scale`.
+      scale: the standard deviation.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+      dtype: the output dtype (default: JAX's default float type).
 
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
@@ -90,8 +98,16 @@ class Distributions:
     return _loc_scale(jax.random.normal, loc, scale, size, key, dtype)
 
   @_draws
-  def uniform(self, low=0., high=1., size=None, key=None, dtype=None):
+  def uniform(self, low=0., high=1., size=None, key: Any = None, dtype=None):
     """Uniform samples on `[low, high)`.
+
+    Args:
+      low: the lower bound (included).
+      high: the upper bound (excluded).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
+      dtype: the output dtype (default: JAX's default float type).
 
     Example:
       >>> import meshstate.random as mr
@@ -104,8 +120,13 @@ class Distributions:
     return jax.random.uniform(key, _shape(size, low, high), dtype, low, high)
 
   @_draws
-  def randn(self, *dn, key=None):
+  def randn(self, *dn, key: Any = None):
     """Standard normal samples of shape `dn`.
+
+    Args:
+      *dn: the output shape, as separate ints (`randn(2, 3)`).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -115,8 +136,13 @@ class Distributions:
     return self.normal(size=dn, key=key)
 
   @_draws
-  def rand(self, *dn, key=None):
+  def rand(self, *dn, key: Any = None):
     """Uniform `[0, 1)` samples of shape `dn`.
+
+    Args:
+      *dn: the output shape, as separate ints (`rand(2, 3)`).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -126,8 +152,13 @@ class Distributions:
     return self.uniform(size=dn, key=key)
 
   @_draws
-  def random(self, size=None, key=None):
+  def random(self, size=None, key: Any = None):
     """Uniform `[0, 1)` samples (numpy's `random.random`).
+
+    Args:
+      size: the output shape (an int or a tuple); None: a scalar.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -139,8 +170,16 @@ class Distributions:
   random_sample = random
 
   @_draws
-  def randint(self, low, high=None, size=None, dtype=int, key=None):
+  def randint(self, low, high=None, size=None, dtype=int, key: Any = None):
     """Integers from `[low, high)`; with `high` None, from `[0, low)`.
+
+    Args:
+      low: the lowest integer drawn, or, with `high` None, the upper bound (excluded).
+      high: the upper bound (excluded).
+      size: the output shape; None: the broadcast shape of `low` and `high`.
+      dtype: the integer dtype of the output.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -154,8 +193,14 @@ class Distributions:
     return jax.random.randint(key, _shape(size, low, high), low, high, dtype)
 
   @_draws
-  def bernoulli(self, p=0.5, size=None, key=None):
+  def bernoulli(self, p=0.5, size=None, key: Any = None):
     """Boolean samples that are True with probability `p`.
+
+    Args:
+      p: the probability of True; an array broadcasts.
+      size: the output shape; None: the shape of `p`.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -166,8 +211,16 @@ class Distributions:
     return jax.random.bernoulli(key, p, _shape(size, p))
 
   @_draws
-  def choice(self, a, size=None, replace=True, p=None, key=None):
+  def choice(self, a, size=None, replace=True, p=None, key: Any = None):
     """Samples from `a` (an array, or an int `n` for `arange(n)`), optionally weighted by `p`.
+
+    Args:
+      a: the values to choose from (an array), or an int `n` for `arange(n)`.
+      size: the output shape; None: one scalar sample.
+      replace: draw with replacement.
+      p: the probability of each entry of `a` (None: uniform).
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -177,8 +230,14 @@ class Distributions:
     return jax.random.choice(key, _arr(a), _shape(() if size is None else size), replace, _arr(p))
 
   @_draws
-  def permutation(self, x, axis=0, key=None):
+  def permutation(self, x, axis=0, key: Any = None):
     """A random permutation of `arange(x)` (int `x`) or of `x` along `axis`.
+
+    Args:
+      x: an int `n` (permute `arange(n)`) or an array to permute.
+      axis: the axis of `x` to permute along.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -188,8 +247,14 @@ class Distributions:
     return jax.random.permutation(key, _arr(x), axis=axis)
 
   @_draws
-  def shuffle(self, x, axis=0, key=None):
+  def shuffle(self, x, axis=0, key: Any = None):
     """`x` shuffled along `axis`, returned (JAX arrays cannot be shuffled in place).
+
+    Args:
+      x: the array to shuffle.
+      axis: the axis to shuffle along.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
@@ -199,8 +264,17 @@ class Distributions:
     return jax.random.permutation(key, jnp.asarray(x), axis=axis)
 
   @_draws
-  def truncated_normal(self, lower, upper, size=None, loc=0., scale=1., key=None):
+  def truncated_normal(self, lower, upper, size=None, loc=0., scale=1., key: Any = None):
     """Normal(`loc`, `scale`) samples restricted to `[lower, upper]` (bounds in output units).
+
+    Args:
+      lower: the lower bound, in output units.
+      upper: the upper bound, in output units.
+      size: the output shape; None: the broadcast shape of the parameters.
+      loc: the mean of the untruncated normal.
+      scale: its standard deviation.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -214,8 +288,14 @@ class Distributions:
     return jnp.clip(loc + scale * z, lower, upper)
 
   @_draws
-  def exponential(self, scale=1., size=None, key=None):
+  def exponential(self, scale=1., size=None, key: Any = None):
     """Exponential samples with mean `scale`.
+
+    Args:
+      scale: the mean (1 / rate).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -225,8 +305,15 @@ class Distributions:
     return _loc_scale(jax.random.exponential, 0., scale, size, key, None)
 
   @_draws
-  def gamma(self, shape, scale=1., size=None, key=None):
+  def gamma(self, shape, scale=1., size=None, key: Any = None):
     """Gamma samples with shape parameter `shape` and scale `scale`.
+
+    Args:
+      shape: the shape parameter (k); an array broadcasts.
+      scale: the scale parameter (theta).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
@@ -237,8 +324,15 @@ class Distributions:
     return jax.random.gamma(key, shape, _shape(size, shape, scale)) * scale
 
   @_draws
-  def beta(self, a, b, size=None, key=None):
+  def beta(self, a, b, size=None, key: Any = None):
     """Beta(`a`, `b`) samples on `[0, 1]`.
+
+    Args:
+      a: the first shape parameter (alpha).
+      b: the second shape parameter (beta).
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -249,8 +343,14 @@ class Distributions:
     return jax.random.beta(key, a, b, _shape(size, a, b))
 
   @_draws
-  def poisson(self, lam=1., size=None, key=None):
+  def poisson(self, lam=1., size=None, key: Any = None):
     """Poisson samples with rate `lam` (integers).
+
+    Args:
+      lam: the rate (the mean).
+      size: the output shape; None: the shape of `lam`.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -261,10 +361,17 @@ class Distributions:
     return jax.random.poisson(key, lam, _shape(size, lam))
 
   @_draws
-  def categorical(self, logits, axis=-1, size=None, key=None):
+  def categorical(self, logits, axis=-1, size=None, key: Any = None):
     """Indices drawn from the categorical distribution with unnormalised log-probabilities `logits`.
 
     With `size` None the result has `logits`' shape without `axis`.
+
+    Args:
+      logits: unnormalised log-probabilities, the categories along `axis`.
+      axis: the axis of `logits` that holds the categories.
+      size: the output shape (it must broadcast with `logits` without `axis`); None: that shape.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import jax.numpy as jnp, meshstate.random as mr
@@ -274,8 +381,15 @@ class Distributions:
     return jax.random.categorical(key, _arr(logits), axis, None if size is None else _shape(size))
 
   @_draws
-  def gumbel(self, loc=0., scale=1., size=None, key=None):
+  def gumbel(self, loc=0., scale=1., size=None, key: Any = None):
     """Gumbel samples with location `loc` and scale `scale`.
+
+    Args:
+      loc: the location.
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -285,8 +399,15 @@ class Distributions:
     return _loc_scale(jax.random.gumbel, loc, scale, size, key, None)
 
   @_draws
-  def laplace(self, loc=0., scale=1., size=None, key=None):
+  def laplace(self, loc=0., scale=1., size=None, key: Any = None):
     """Laplace samples with location `loc` and scale `scale`.
+
+    Args:
+      loc: the location (the mean).
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr
@@ -296,8 +417,15 @@ class Distributions:
     return _loc_scale(jax.random.laplace, loc, scale, size, key, None)
 
   @_draws
-  def logistic(self, loc=0., scale=1., size=None, key=None):
+  def logistic(self, loc=0., scale=1., size=None, key: Any = None):
     """Logistic samples with location `loc` and scale `scale`.
+
+    Args:
+      loc: the location (the mean).
+      scale: the scale.
+      size: the output shape (an int or a tuple); None: the broadcast shape of the parameters.
+      key: a PRNG key to draw with instead; the state (`DEFAULT` for the module functions) then
+        does not advance.
 
     Example:
       >>> import meshstate.random as mr

@@ -45,7 +45,7 @@ _ADVICE = {   # by the kind of tracer the value is: which transform put it there
 
 def traced_write_error(what: str, value: Any) -> StateTraceError:
   """The error for `what` (a write of `value` into states) under a raw JAX transform."""
-  tracers = [x for x in jax.tree.leaves(value) if isinstance(x, jax.core.Tracer)]
+  tracers = [x for x in jax.tree.leaves(value) if isinstance(x, jax.core.Tracer)]  # pyright: ignore[reportAttributeAccessIssue]
   raw, ours = _ADVICE.get(type(tracers[0]).__name__ if tracers else '', _DEFAULT_ADVICE)
   return StateTraceError(f'{what} under a raw JAX transform ({raw}), so a State would be left '
                          f'holding a tracer. Use the meshstate equivalent instead: {ours}.')
@@ -143,7 +143,7 @@ def in_frame_trace() -> bool:
 
 
 def _is_tracer(value: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 class State:
@@ -160,6 +160,14 @@ class State:
   __slots__ = ('_value', '_name', '__weakref__')
 
   def __init__(self, value: Any, name: str | None = None):
+    """Hold `value`.
+
+    Args:
+      value: the initial value: a `jax.Array` or a pytree of arrays (it may be replaced later
+        by one of another shape or dtype), or a Python value (a bool, an int, a string), which
+        every transform treats as static.
+      name: a name for error messages and `describe` tables.
+    """
     self._value = value
     self._name = name
     stack = _local.stack

@@ -19,7 +19,7 @@ import functools
 import inspect
 import itertools
 import threading
-from typing import Any, Callable, Concatenate, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, ParamSpec, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,13 @@ from meshstate._distributions import SAMPLERS, Distributions
 from meshstate._compat import distributed_client
 from meshstate._state import State, frames
 
-# DEFAULT is served by the module's __getattr__, so that it is created on first use.
-__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', *SAMPLERS]  # noqa: F822
+# DEFAULT is served by the module's __getattr__, so that it is created on first use; the
+# samplers are the methods of `Distributions` (SAMPLERS), each also a function here.
+__all__ = ['RandomState', 'DEFAULT', 'seed', 'split_key', 'normal', 'uniform', 'randn', 'rand',
+           'random', 'random_sample', 'randint', 'bernoulli', 'choice', 'permutation', 'shuffle',
+           'truncated_normal', 'exponential', 'gamma', 'beta', 'poisson', 'categorical', 'gumbel',
+           'laplace', 'logistic']
+assert __all__[4:] == list(SAMPLERS)
 
 P = ParamSpec('P')
 R = TypeVar('R')
@@ -46,7 +51,7 @@ def _entropy_seed() -> int:
   so this also works while a function is traced); every process makes its unseeded keys in
   the same order, so the n-th one agrees everywhere.
   """
-  seed = int(np.random.SeedSequence().entropy % 2 ** 32)
+  seed = int(cast(int, np.random.SeedSequence().entropy) % 2 ** 32)
   client = distributed_client()
   if client is None or jax.process_count() == 1:
     return seed
@@ -70,7 +75,7 @@ def _as_key(seed_or_key: Any) -> Any:
     seed_or_key = np.asarray(seed_or_key)
     dtype = seed_or_key.dtype
   shape = jnp.shape(seed_or_key)
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
     return seed_or_key
   if shape == () and jnp.issubdtype(dtype, jnp.integer):
     return jax.random.PRNGKey(seed_or_key)  # a traced or array-valued integer seed
@@ -87,6 +92,12 @@ class RandomState(State, Distributions):
   `RandomState()` seeds it from the operating system's entropy. Every distribution of
   `meshstate.random` is also a method that samples from (and advances) this state's key, numpy
   `RandomState` style; an explicit `key=` leaves the state untouched.
+
+  Args:
+    seed_or_key: an int seed, a PRNG key (a `uint32[2]` array or a typed key), or None for a
+      seed from the operating system's entropy (the same in every process when there are
+      several).
+    name: a name for messages and `describe` tables.
 
   Example:
     >>> from meshstate.random import RandomState
@@ -107,6 +118,9 @@ class RandomState(State, Distributions):
   def seed(self, seed_or_key: Any = None) -> None:
     """Reset the key from an int seed, a key, or (None) fresh entropy.
 
+    Args:
+      seed_or_key: an int seed, a PRNG key, or None for fresh entropy.
+
     Example:
       >>> rs = RandomState(1); rs.seed(0)
       >>> rs.value.tolist()
@@ -116,6 +130,9 @@ class RandomState(State, Distributions):
 
   def split_key(self, n: int | None = None) -> Any:
     """Advance this state's key and return one fresh key (`n` None) or `n` keys stacked.
+
+    Args:
+      n: how many keys to return, stacked along a new axis 0; None returns one key.
 
     Example:
       >>> rs = RandomState(0)
@@ -129,6 +146,7 @@ class RandomState(State, Distributions):
 
 RandomState.__module__ = 'meshstate.random'
 
+DEFAULT: RandomState   # declared for type checkers; the module's __getattr__ makes it
 _default_state: RandomState | None = None
 _default_lock = threading.Lock()
 
@@ -161,6 +179,9 @@ def __dir__() -> list[str]:
 def seed(seed: Any = None) -> None:
   """Reseed the global `DEFAULT` state (None: fresh entropy).
 
+  Args:
+    seed: an int seed, a PRNG key, or None for fresh entropy.
+
   Example:
     >>> import meshstate.random as mr
     >>> mr.seed(3); a = mr.normal()
@@ -172,6 +193,9 @@ def seed(seed: Any = None) -> None:
 
 def split_key(n: int | None = None) -> Any:
   """One new key (or `n` stacked keys) drawn from `DEFAULT`, which advances.
+
+  Args:
+    n: how many keys to return, stacked along a new axis 0; None returns one key.
 
   Example:
     >>> import meshstate.random as mr

@@ -7,6 +7,7 @@ import math
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -21,7 +22,17 @@ COLUMNS = ('path', 'type', 'shape', 'dtype', 'spec', 'mesh_axes', 'shard_shape',
 
 
 def format_spec(spec: Any) -> str:
-  """`P('data', None)` style text for a `PartitionSpec` (or '-' for None)."""
+  """`P('data', None)` style text for a `PartitionSpec` (or '-' for None).
+
+  Args:
+    spec: a `jax.sharding.PartitionSpec`, or None.
+
+  Example:
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from meshstate.sharding import format_spec
+    >>> format_spec(P('data', None)), format_spec(None)
+    ("P('data', None)", '-')
+  """
   if spec is None:
     return '-'
   return 'P(' + ', '.join(repr(e) for e in spec) + ')'
@@ -63,8 +74,8 @@ def _dtype_and_itemsize(value: Any) -> tuple[Any, int]:
     if not isinstance(value, (bool, int, float, complex, np.generic)):
       return type(value).__name__, 0   # a Python object held by a static state: no device bytes
     dtype = np.result_type(value)
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    data = jax.random.key_data(value)   # typed keys: measure the key data they hold
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(value)   # pyright: ignore[reportArgumentType] (a typed key)
     return dtype, data.dtype.itemsize * math.prod(data.shape[np.ndim(value):])
   return dtype, np.dtype(dtype).itemsize
 
@@ -108,7 +119,7 @@ def _index_shape(index: tuple, shape: tuple) -> tuple:
 
 def _same_on_every_shard(value: Any, mesh_axes: dict) -> str:
   # Old pmap code stacks a copy per device; flag dimensions whose slices are all equal.
-  if not mesh_axes or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+  if not mesh_axes or jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
     return ''
   same = [d for d in mesh_axes if value.shape[d] > 1 and _stacked_along(value, d)]
   if not same:
@@ -256,6 +267,15 @@ def describe(obj: Any, check_values: bool = False) -> StateTable:
   could be replicated); the shards are compared on their devices. Nothing is ever fetched
   from another process; with several processes a `processes` column says which holds what.
 
+  Args:
+    obj: a `Module`, a `StatefulMapping` (the states it has touched), a `{name: State}` dict,
+      or an iterable of `State`s.
+    check_values: also compare the shards of each sharded state and flag those that hold the
+      same value on every shard.
+
+  Returns:
+    A `StateTable`: `str()` prints it, `.rows` holds its rows as dicts.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> opt = meshstate.State({'mu': jnp.zeros(3), 'nu': jnp.zeros(3)})
@@ -280,6 +300,10 @@ def visualize(obj: Any) -> str:
   A grid cell is one block of the array (its index ranges label the rows and columns) and
   lists the ids of the devices that hold it. Only layout metadata is read: no data moves, and
   nothing is fetched from other processes. Returns the text; print it to see it.
+
+  Args:
+    obj: a `State`, a `jax.Array`, a Module, a StatefulMapping, a dict of states or an
+      iterable of states.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
@@ -310,6 +334,16 @@ class Explanation:
 
   `str()` (and the REPL or notebook display) is the text; `code` is the hand-written program,
   which runs with `exec(code, namespace)` and leaves its result in `namespace['result']`.
+  Made by `StatefulMapping.explain`.
+
+  Args:
+    text: the description: the mesh, the in/out specs, the hand-written program.
+    code: the hand-written `jax.jit(jax.shard_map(...))` program, as Python source.
+    namespace: the names `code` runs with (the arguments, the state values, the function).
+    mesh: the `jax.sharding.Mesh` the program runs on.
+    in_specs: the `PartitionSpec`s of the arguments, then of the states read.
+    out_specs: the `PartitionSpec`s of the outputs, then of the states written.
+    check_vma: the `check_vma` the program runs `jax.shard_map` with.
   """
   text: str
   code: str

@@ -67,6 +67,19 @@ class Module:
     A state reachable along several paths is listed once, under the first one. ``filter`` is any
     selector `meshstate.util.filter.to_predicate` accepts (a filter, a `State` subclass, a path
     element name, ...), called as ``filter(path, state)``; ``None`` keeps every state.
+
+    Args:
+      filter: a selector choosing which states to list; None lists them all.
+
+    Example:
+      >>> import jax.numpy as jnp, meshstate
+      >>> class Net(meshstate.nn.Module):
+      ...   def __init__(self):
+      ...     super().__init__()
+      ...     self.w = meshstate.ParamState(jnp.ones(2))
+      ...     self.h = meshstate.HiddenState(jnp.zeros(2))
+      >>> list(Net().states(meshstate.ParamState))
+      [('w',)]
     """
     found = dict(_walk(self, (), {id(self)}))
     if filter is None:

@@ -70,7 +70,7 @@ class Compiled:
                       f'{treedef.unflatten(key[1])}; lower it again for these.')
     outs = self._compiled(*leaves, *[s.value for s in plan.in_states])
     new = outs[plan.n_out:]
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(new)):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(new)):  # pyright: ignore[reportAttributeAccessIssue]
       raise traced_write_error(f'{self._mapping.name} (compiled) was called', new)
     for state, value in (*zip(plan.out_states, new), *plan.static_writes):
       state.value = value

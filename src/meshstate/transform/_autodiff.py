@@ -10,7 +10,7 @@ gradients, as `(state_grads, arg_grads)` when both are asked for.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +132,20 @@ def _transformed(where: str, transform: Callable, fun, grad_states, argnums, has
   return call
 
 
-def grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = None,
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+@overload
+def grad(fun: Callable[..., Any], grad_states: Any = None, argnums: Any = None,
          holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
-         return_value: bool = False) -> Callable:
+         return_value: bool = False) -> Callable[..., Any]: ...
+@overload
+def grad(fun: None = None, grad_states: Any = None, argnums: Any = None,
+         holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
+         return_value: bool = False) -> Decorator: ...
+def grad(fun: Callable[..., Any] | None = None, grad_states: Any = None, argnums: Any = None,
+         holomorphic: bool = False, allow_int: bool = False, has_aux: bool | None = None,
+         return_value: bool = False) -> Callable[..., Any] | Decorator:
   """The gradient of `fun` with respect to `grad_states` and/or positional `argnums`.
 
   Returns a function giving `grads`, `(grads, value)` with `return_value`, `(grads, aux)` with
@@ -142,6 +153,20 @@ def grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = No
   container (one `State`, a sequence, a dict), then the argument gradients: `(state_grads,
   arg_grads)` when both are asked for; with neither, `argnums=0`. States `fun` writes keep the
   values it wrote. Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function to differentiate; it may read and write `State`s.
+    grad_states: the states to differentiate with respect to: one `State`, or a pytree
+      (sequence, dict) of them; the gradients come back in the same container.
+    argnums: positional argument(s) to differentiate with respect to: an int or a tuple of
+      ints. None: none when `grad_states` is given, else 0.
+    holomorphic: whether `fun` is holomorphic (complex inputs and outputs), as in `jax.grad`.
+    allow_int: allow integer states and arguments (their gradients are float0 zeros).
+    has_aux: `fun` returns `(value, aux)`; `aux` is returned beside the gradients.
+    return_value: also return `fun`'s value.
+
+  Returns:
+    A function with `fun`'s arguments (or, without `fun`, a decorator that makes one).
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -162,12 +187,31 @@ def grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = No
                       holomorphic=holomorphic, allow_int=allow_int)
 
 
-def value_and_grad(fun: Callable | None = None, grad_states: Any = None, argnums: Any = None,
+@overload
+def value_and_grad(fun: Callable[..., Any], grad_states: Any = None, argnums: Any = None,
                    has_aux: bool | None = None, holomorphic: bool = False,
-                   allow_int: bool = False) -> Callable:
+                   allow_int: bool = False) -> Callable[..., Any]: ...
+@overload
+def value_and_grad(fun: None = None, grad_states: Any = None, argnums: Any = None,
+                   has_aux: bool | None = None, holomorphic: bool = False,
+                   allow_int: bool = False) -> Decorator: ...
+def value_and_grad(fun: Callable[..., Any] | None = None, grad_states: Any = None,
+                   argnums: Any = None, has_aux: bool | None = None, holomorphic: bool = False,
+                   allow_int: bool = False) -> Callable[..., Any] | Decorator:
   """Like `jax.value_and_grad`: `(value, grads)`, or `((value, aux), grads)` with `has_aux`.
 
   `grads` is as in `grad` (state gradients in `grad_states`' container, then argnum gradients).
+  Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function to differentiate; it may read and write `State`s.
+    grad_states: the states to differentiate with respect to: one `State`, or a pytree
+      (sequence, dict) of them; the gradients come back in the same container.
+    argnums: positional argument(s) to differentiate with respect to: an int or a tuple of
+      ints. None: none when `grad_states` is given, else 0.
+    has_aux: `fun` returns `(value, aux)`.
+    holomorphic: whether `fun` is holomorphic, as in `jax.value_and_grad`.
+    allow_int: allow integer states and arguments.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -198,6 +242,17 @@ def jacrev(fun: Callable, grad_states: Any = None, argnums: Any = None,
 
   Results are arranged as in `grad`.
 
+  Args:
+    fun: the function to differentiate; it may read and write `State`s.
+    grad_states: the states to differentiate with respect to: one `State`, or a pytree
+      (sequence, dict) of them; the gradients come back in the same container.
+    argnums: positional argument(s) to differentiate with respect to: an int or a tuple of
+      ints. None: none when `grad_states` is given, else 0.
+    has_aux: `fun` returns `(value, aux)`; `aux` is returned beside the Jacobian.
+    return_value: also return `fun`'s value.
+    holomorphic: whether `fun` is holomorphic, as in `jax.jacrev`.
+    allow_int: allow integer states and arguments.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> w = meshstate.ParamState(jnp.array([1., 2.]))
@@ -215,6 +270,16 @@ def jacfwd(fun: Callable, grad_states: Any = None, argnums: Any = None,
 
   Results are arranged as in `grad`.
 
+  Args:
+    fun: the function to differentiate; it may read and write `State`s.
+    grad_states: the states to differentiate with respect to: one `State`, or a pytree
+      (sequence, dict) of them; the gradients come back in the same container.
+    argnums: positional argument(s) to differentiate with respect to: an int or a tuple of
+      ints. None: none when `grad_states` is given, else 0.
+    has_aux: `fun` returns `(value, aux)`; `aux` is returned beside the Jacobian.
+    return_value: also return `fun`'s value.
+    holomorphic: whether `fun` is holomorphic, as in `jax.jacfwd`.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> w = meshstate.ParamState(jnp.array([1., 2.]))
@@ -225,13 +290,21 @@ def jacfwd(fun: Callable, grad_states: Any = None, argnums: Any = None,
                       holomorphic=holomorphic)
 
 
-def vjp(fun: Callable, *primals, grad_states: Any = None, argnums: Any = 0,
+def vjp(fun: Callable, *primals: Any, grad_states: Any = None, argnums: Any = 0,
         has_aux: bool = False) -> tuple:
   """`(out, vjp_fn)` (and `aux` with `has_aux`): `fun`'s pullback w.r.t. states and/or args.
 
   `vjp_fn(cotangent)` gives the cotangents arranged as in `grad`: state cotangents in
   `grad_states`' container, then those of `argnums` (None: states only). States `fun` writes
   keep the values it wrote.
+
+  Args:
+    fun: the function; it may read and write `State`s.
+    *primals: the positional arguments to call `fun` with.
+    grad_states: the states to pull cotangents back to: one `State`, or a pytree of them.
+    argnums: the positional argument(s) to pull cotangents back to (int or tuple); None for
+      states only.
+    has_aux: `fun` returns `(value, aux)`; `aux` is returned third.
 
   Example:
     >>> import jax.numpy as jnp, meshstate

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast, overload
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -38,6 +38,10 @@ def arg_name(path) -> str:
   return f'args{key}' if kind.idx == 0 else f'kwargs{key}'
 
 
+@overload
+def check_axis(axis: int, ndim: int, what: str, shape: tuple, extra: int = 0) -> int: ...
+@overload
+def check_axis(axis: None, ndim: int, what: str, shape: tuple, extra: int = 0) -> None: ...
 def check_axis(axis: int | None, ndim: int, what: str, shape: tuple, extra: int = 0) -> int | None:
   """Normalise a possibly negative `axis` for an array of `ndim` (+`extra`) dimensions."""
   if axis is None:
@@ -134,7 +138,7 @@ def link_static(fun: Callable, argnums: tuple[int, ...],
                 argnames: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
   """Static positions and names that also cover the other spelling, as `jax.jit` does."""
   both = positional_names(fun)
-  names = argnames + tuple(both[i] for i in argnums
+  names = argnames + tuple(cast(str, both[i]) for i in argnums
                            if -len(both) <= i < len(both) and both[i] is not None
                            and both[i] not in argnames)
   nums = argnums + tuple(i for i, n in enumerate(both) if n in argnames and i not in argnums)

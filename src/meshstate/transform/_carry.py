@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,17 @@ def read(states: Sequence[State]) -> list:
   return [s.value for s in states]
 
 
-def call(fun: Callable, states: Sequence[State], values: Sequence[Any], *args,
-         outputs: Sequence[State] | None = None, where: str = 'transform', **kwargs):
+@overload
+def call(fun: Callable, states: Sequence[State], values: Sequence[Any], *args: Any,
+         outputs: None = None, where: str = 'transform',
+         **kwargs: Any) -> tuple[Any, dict[State, Any]]: ...
+@overload
+def call(fun: Callable, states: Sequence[State], values: Sequence[Any], *args: Any,
+         outputs: Sequence[State], where: str = 'transform',
+         **kwargs: Any) -> tuple[Any, list[Any]]: ...
+def call(fun: Callable, states: Sequence[State], values: Sequence[Any], *args: Any,
+         outputs: Sequence[State] | None = None, where: str = 'transform',
+         **kwargs: Any) -> tuple[Any, Any]:
   """Run `fun(*args, **kwargs)` with `states` showing `values`: `(out, new values)`.
 
   With `outputs`, the new values are those states' values at the end (a list); writing any
@@ -245,4 +254,4 @@ def carry(where: str, trace: Callable[[dict], list[Effects]], loop: bool) -> Car
     if not any(t.vma for t in jax.tree.leaves(types)):
       break   # nothing varies over mesh axes: one discovery is enough
     effects = trace(dict(zip(states, values)))
-  return Carried(states, values, types)
+  return Carried(states, values, cast(list, types))

@@ -28,7 +28,7 @@ __all__ = ['Discovery', 'Traced', 'discover', 'vary', 'lane_key', 'lane_slice', 
 def vma_of(value: Any) -> frozenset:
   """The mesh axes any leaf of `value` varies over, inside `shard_map(check_vma=True)`."""
   return frozenset().union(*(vma(jax.typeof(x)) for x in jax.tree.leaves(value)
-                             if isinstance(x, jax.core.Tracer)))
+                             if isinstance(x, jax.core.Tracer)))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def vary(value: Any, name: Any) -> Any:
@@ -38,7 +38,7 @@ def vary(value: Any, name: Any) -> Any:
 
 
 def _placeholder(x: Any) -> Any:
-  if isinstance(x, jax.core.Tracer) or jax.dtypes.issubdtype(jnp.result_type(x),
+  if isinstance(x, jax.core.Tracer) or jax.dtypes.issubdtype(jnp.result_type(x),  # pyright: ignore
                                                              jax.dtypes.prng_key):
     return x
   return lax.full(jnp.shape(x), 0, jnp.result_type(x))

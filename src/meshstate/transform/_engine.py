@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,10 @@ from meshstate.transform._multihost import (assert_same_across_processes, is_glo
                                             to_local)
 from meshstate.transform._plan import Plan
 from meshstate.util.filter import _SameStates
+
+if TYPE_CHECKING:   # imported when called (sharding.py reads plans; it never imports the engine)
+  from meshstate.sharding import Explanation
+  from meshstate.transform._aot import Lowered
 
 __all__ = ['StatefulMapping', 'Layout']
 
@@ -156,7 +160,7 @@ def _caller_stacklevel() -> int:
 def _traced(outs: Sequence[Any]) -> bool:
   """Whether the program ran under an enclosing JAX trace (its results are tracers)."""
   leaves = jax.tree.leaves(outs[0]) if len(outs) else ()
-  return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)
+  return bool(leaves) and isinstance(leaves[0], jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _module_of(fun: Any) -> Module | None:
@@ -176,9 +180,70 @@ def state_label(state: State, paths: dict) -> str:
 class StatefulMapping:
   """Maps a function that reads and writes `State`s over an axis (the engine behind `pmap2`).
 
-  `mapping_fn` is called like `jax.vmap`/`jax.pmap`:
-  `mapping_fn(pure_fun, in_axes=..., out_axes=..., axis_name=..., axis_size=...)`, where
-  `pure_fun(*user_args, state_values, **kwargs)` returns `(outputs, new_state_values)`.
+  `pmap2`, `vmap2`, `jit` and `shard_map` make one; it can also be built directly, with any
+  `mapping_fn`. A call traces `fun` once per call signature (argument structure, shapes,
+  dtypes and shardings, static arguments, and the signature of the states it touches),
+  compiles one program and caches it; later calls run the program and write the states back.
+
+  Written states that differ across the mapped axis but are not selected by
+  `state_out_axes` (and were not read with an axis from `state_in_axes`) follow
+  `unexpected_out_state_mapping`:
+
+  - `'auto'` (default): a state that the function only writes is gathered silently: its
+    per-lane values are stacked along a new axis 0. A state that it reads and then writes is
+    fed per lane when its current size along axis 0 equals the mapped size (it is read mapped
+    along axis 0 and written back mapped along axis 0, like a declared per-lane buffer); this
+    is decided afresh for every call signature, so a buffer gathered by a first call keeps its
+    shape on the next. Otherwise it is gathered along a new axis 0 with a `UserWarning`, once
+    per state and mapping. A state whose axis 0 happens to equal the mapped size is therefore
+    treated as per lane: declare it in `state_in_axes`/`state_out_axes` when that is not meant.
+  - `'warn'`: gathered along a new axis 0, with a `UserWarning` each time a program is built.
+  - `'ignore'`: gathered along a new axis 0, silently.
+  - `'raise'`: `meshstate.BatchAxisError` naming the state, raised while the program is built,
+    before any state is written.
+
+  A written state whose new value is the same on every lane (e.g. after `jax.lax.psum`) is
+  written back unmapped under every policy. Random states are always split (one key per lane)
+  and advance once per call. `jit` does not map, so the policy never applies to it.
+
+  Args:
+    fun: the function to map; it may read and write `State`s. A `Module` or a bound method of
+      one lets state filters see each state's path in it.
+    in_axes: the mapped axis of each positional argument: an int, None, or a tuple/pytree
+      prefix with one entry per positional argument (`jax.vmap`'s form). Keyword arguments
+      are mapped along axis 0.
+    out_axes: where the mapped axis goes in each output (an int, None, or a pytree prefix).
+    state_in_axes: `{axis: selector}` or a bare selector (`{0: selector}`): the states read
+      per lane, and along which axis. A selector is a filter, a `State` subclass, a `State`, or
+      an iterable of `State`s; the first matching entry wins. Others are broadcast.
+    state_out_axes: the same form, for written states: each selected state is written back
+      with the mapped axis at that position.
+    unexpected_out_state_mapping: `'auto'`, `'warn'`, `'ignore'` or `'raise'`, as described
+      above; any other value is a `ValueError`.
+    axis_size: the mapped size; needed only when no argument and no declared state is mapped,
+      and otherwise checked against them.
+    axis_name: the name of the mapped axis, for collectives inside `fun`.
+    name: the name used in error messages (default: `fun`'s `__name__`).
+    mapping_fn: how the pure function is mapped: `jax.vmap` (default), `jax.pmap`, any
+      callable with their calling convention, or one of meshstate's own engines. A callable is
+      called as `mapping_fn(pure_fun, in_axes=..., out_axes=..., axis_name=...,
+      axis_size=...)`, where `pure_fun(*user_args, state_values, **kwargs)` returns
+      `(outputs, new_state_values)`: the user's positional arguments come first, in their own
+      positions.
+    static_argnums: positional arguments passed to `fun` as Python values (hashable; a new
+      value traces again). None means none.
+    static_argnames: keyword arguments passed to `fun` as Python values. None means none.
+    donate_argnums: positional arguments whose buffers the program may reuse for its outputs.
+    donate_states: donate the buffers of the states the call reads and rewrites.
+    static_argname: the argument name that error messages use for `static_argnums` (`pmap2`
+      passes `'static_broadcasted_argnums'`).
+
+  Attributes:
+    origin_fun: the function that was mapped.
+    state_in_axes: `state_in_axes` normalised to `{axis: predicate}`.
+    state_out_axes: `state_out_axes` normalised to `{axis: predicate}`.
+    static_argnums: the static positions, as a tuple.
+    static_argnames: the static keyword names, as a tuple.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate
@@ -193,6 +258,10 @@ class StatefulMapping:
   """
   _sized = True   # the mapping has one size (pmap2/vmap2); shard_map's comes from its mesh
   default_cache_size = 64   # programs kept per mapping (least recently used ones go first)
+  # Set by `functools.update_wrapper` (declared for the type checker).
+  __name__: str
+  __qualname__: str
+  __wrapped__: Callable[..., Any]
 
   def __init__(self, fun: Callable, in_axes: Any = 0, out_axes: Any = 0,
                state_in_axes: Any = None, state_out_axes: Any = None,
@@ -475,7 +544,7 @@ class StatefulMapping:
             and names[i] in kwargs}
 
   @staticmethod
-  def _with_static(args: tuple, kwargs: dict, static: tuple):
+  def _with_static(args: Any, kwargs: dict, static: tuple):
     if not static:
       return args, kwargs
     args, kwargs = list(args), dict(kwargs)
@@ -668,7 +737,7 @@ class StatefulMapping:
     if mapper.mapped and layout.size is None and self._sized:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
-    view = None
+    view = None  # pyright: ignore[reportAssignmentType]
     if mapper.mapped:
       def view(state, base):
         return self._view(state, base, layout, paths, fed)
@@ -775,7 +844,7 @@ class StatefulMapping:
     return vals
 
   @staticmethod
-  def _to_processes(value: Any, sharding: Any, axis: Any, size: int) -> Any:
+  def _to_processes(value: Any, sharding: Any, axis: Any, size: int | None) -> Any:
     """A process-local state value as one array spanning the processes of `sharding`.
 
     Mapped with its local lanes only: this process's part. Otherwise it is the whole value,
@@ -851,12 +920,19 @@ class StatefulMapping:
 
   # -- introspection ---------------------------------------------------------------------------
 
-  def explain(self, *args, **kwargs):
+  def explain(self, *args: Any, **kwargs: Any) -> Explanation:
     """The mesh, the in/out specs and the hand-written program that this call runs.
 
     Traces (without running) when the signature is new, and reads the `Plan` the engine runs:
     the returned `meshstate.sharding.Explanation` shows as its text, and its `run()` executes
     the hand-written program, giving the call's outputs and states.
+
+    Args:
+      *args: the positional arguments of the call to explain (arrays).
+      **kwargs: its keyword arguments.
+
+    Returns:
+      A `meshstate.sharding.Explanation`.
 
     Example:
       >>> import jax, jax.numpy as jnp, meshstate
@@ -877,11 +953,19 @@ class StatefulMapping:
     out_names = [f'out {i}' for i in range(plan.n_out)] + [label(s) for s in plan.out_states]
     return explain_plan(plan, leaves, vals, in_names, out_names)
 
-  def lower(self, *args, **kwargs):
+  def lower(self, *args: Any, **kwargs: Any) -> Lowered:
     """The program for these arguments (arrays or `jax.ShapeDtypeStruct`s), lowered.
 
     Its `compile()` is called with the user's arguments, returns the user's output structure
     and writes the states back; `as_text()`, `cost_analysis()` and `args_info` are JAX's.
+
+    Args:
+      *args: the positional arguments, as arrays or `jax.ShapeDtypeStruct`s (with a sharding
+        where it matters); static arguments as their Python values.
+      **kwargs: the keyword arguments, in the same form.
+
+    Returns:
+      A `Lowered` program, whose `compile()` gives a `Compiled` one.
 
     Example:
       >>> import jax, jax.numpy as jnp, meshstate

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 from meshstate.transform._engine import StatefulMapping
 from meshstate.transform._mappers import JitMapper
@@ -10,13 +10,37 @@ from meshstate.transform._mappers import JitMapper
 __all__ = ['jit']
 
 
-def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = (),
+Decorator = Callable[[Callable[..., Any]], StatefulMapping]
+
+
+@overload
+def jit(fun: Callable[..., Any], *, static_argnums: int | Sequence[int] = (),
         static_argnames: str | Sequence[str] = (), donate_argnums: int | Sequence[int] = (),
-        donate_states: bool = False) -> StatefulMapping | Callable:
+        donate_states: bool = False) -> StatefulMapping: ...
+@overload
+def jit(fun: None = None, *, static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (), donate_argnums: int | Sequence[int] = (),
+        donate_states: bool = False) -> Decorator: ...
+def jit(fun: Callable[..., Any] | None = None, *, static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (), donate_argnums: int | Sequence[int] = (),
+        donate_states: bool = False) -> StatefulMapping | Decorator:
   """Compile `fun` with `jax.jit`, reading and writing the `State`s it touches.
 
   Repeated calls with the same signature run the compiled program only; each written state
   keeps the sharding the program gives it. If `fun` raises, every state keeps its value.
+  Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function to compile; it may read and write `State`s.
+    static_argnums: positional arguments passed to `fun` as Python values (hashable; a new
+      value compiles a new program), as in `jax.jit`.
+    static_argnames: keyword arguments passed to `fun` as Python values.
+    donate_argnums: positional arguments whose buffers the program may reuse for its outputs;
+      do not use them after the call.
+    donate_states: donate the buffers of the states the call reads and rewrites.
+
+  Returns:
+    A `StatefulMapping` (with `lower`), or, without `fun`, a decorator that makes one.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -27,8 +51,9 @@ def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = ()
     >>> add(jnp.ones(2)); add(jnp.ones(2)); acc.value.tolist()
     [2.0, 2.0]
   """
-  kwargs = dict(static_argnums=static_argnums, static_argnames=static_argnames,
-                donate_argnums=donate_argnums, donate_states=donate_states)
   if fun is None:
-    return functools.partial(jit, **kwargs)
-  return StatefulMapping(fun, in_axes=None, out_axes=None, mapping_fn=JitMapper(), **kwargs)
+    return functools.partial(jit, static_argnums=static_argnums, static_argnames=static_argnames,
+                             donate_argnums=donate_argnums, donate_states=donate_states)
+  return StatefulMapping(fun, in_axes=None, out_axes=None, mapping_fn=JitMapper(),
+                         static_argnums=static_argnums, static_argnames=static_argnames,
+                         donate_argnums=donate_argnums, donate_states=donate_states)

@@ -8,7 +8,7 @@ value on that branch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,16 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
   loop; a write that changes a state's shape or dtype is an error naming the state. `pbar`
   shows progress: an int `N` reports every N steps, or pass a `ProgressBar`.
 
+  Args:
+    f: the step, `f(carry, x) -> (carry, y)`; it may read and write `State`s.
+    init: the initial carry (a pytree of arrays).
+    xs: the values to loop over, sliced along axis 0 (a pytree); None with `length`.
+    length: the number of steps, when `xs` is None (else it must agree with `xs`).
+    reverse: loop from the last slice to the first, as in `jax.lax.scan`.
+    unroll: how many steps to unroll per loop iteration, as in `jax.lax.scan`.
+    pbar: progress while the loop runs on the device: an int `N` reports every N steps,
+      `True` about 20 times, or a `ProgressBar`; None (default) reports nothing.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> total = meshstate.State(jnp.zeros(()))
@@ -101,7 +111,7 @@ def _scan(where, f, init, xs, length, reverse, unroll, pbar):
   return c, ys
 
 
-def for_loop(f: Callable, *xs, length: int | None = None, reverse: bool = False,
+def for_loop(f: Callable, *xs: Any, length: int | None = None, reverse: bool = False,
              unroll: int | bool = 1, pbar: Any = None) -> Any:
   """Call `f(*x)` for each slice `x` of `xs` along axis 0, carrying the `State`s it writes.
 
@@ -109,6 +119,16 @@ def for_loop(f: Callable, *xs, length: int | None = None, reverse: bool = False,
   number of steps and `f` takes no argument. `pbar` shows progress while the loop runs on the
   device: an int `N` reports every N steps, `True` about 20 times, or pass a `ProgressBar`
   (tqdm when installed, plain text otherwise).
+
+  Args:
+    f: the step, called as `f(*x)` with one slice of each of `xs`; it may read and write
+      `State`s.
+    *xs: the arrays (pytrees) to loop over along axis 0, all of the same length.
+    length: the number of steps when there is no `xs` (else it must agree with them).
+    reverse: loop from the last slice to the first.
+    unroll: how many steps to unroll per loop iteration, as in `jax.lax.scan`.
+    pbar: progress while the loop runs on the device: an int `N` reports every N steps,
+      `True` about 20 times, or a `ProgressBar`; None (default) reports nothing.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -127,6 +147,12 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   """`jax.lax.while_loop` that carries the `State`s `body_fun` writes.
 
   `cond_fun` may read states (also those the body writes) but must not write any.
+
+  Args:
+    cond_fun: `cond_fun(val) -> bool scalar`: whether to run the body again.
+    body_fun: `body_fun(val) -> val`, with the same structure, shapes and dtypes; it may
+      read and write `State`s.
+    init_val: the initial value.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -162,11 +188,17 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   return val
 
 
-def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
+def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
   """`jax.lax.switch` whose branches may write `State`s.
 
   A state written by some branches keeps its value on the others; all branches must agree on
   its shape and dtype.
+
+  Args:
+    index: an integer scalar choosing the branch (clamped to the valid range, as in
+      `jax.lax.switch`).
+    branches: the functions to choose from; each is called as `branch(*operands)`.
+    *operands: the arguments passed to the chosen branch.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -187,8 +219,15 @@ def switch(index: Any, branches: Sequence[Callable], *operands) -> Any:
   return _branch('switch', lambda fns, ops: lax.switch(index, fns, *ops), branches, operands)
 
 
-def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands) -> Any:
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
   """`jax.lax.cond` whose branches may write `State`s (an unwritten one keeps its value).
+
+  Args:
+    pred: a boolean scalar choosing the branch.
+    true_fun: called as `true_fun(*operands)` when `pred` is true.
+    false_fun: called as `false_fun(*operands)` otherwise; it must return the same structure,
+      shapes and dtypes.
+    *operands: the arguments passed to the chosen branch.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -221,13 +260,28 @@ def _branch(where: str, select: Callable, branches: list, operands: tuple) -> An
   return out
 
 
-def checkpoint(fun: Callable | None = None, prevent_cse: bool = True,
-               policy: Callable | None = None,
-               static_argnums: int | Sequence[int] = ()) -> Callable:
+@overload
+def checkpoint(fun: Callable[..., Any], prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None,
+               static_argnums: int | Sequence[int] = ()) -> Callable[..., Any]: ...
+@overload
+def checkpoint(fun: None = None, prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None,
+               static_argnums: int | Sequence[int] = ()
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+def checkpoint(fun: Callable[..., Any] | None = None, prevent_cse: bool = True,
+               policy: Callable[..., Any] | None = None, static_argnums: int | Sequence[int] = ()
+               ) -> Callable[..., Any]:
   """`jax.checkpoint` (rematerialisation) of a function that reads and writes `State`s.
 
   States read are inputs of the checkpointed function, so gradients flow to them; states
   written come out of it. Without `fun`, returns a decorator.
+
+  Args:
+    fun: the function whose intermediate values are recomputed in the backward pass.
+    prevent_cse: as in `jax.checkpoint`: keep XLA from merging the recomputation away.
+    policy: a `jax.checkpoint_policies` policy choosing what may be saved instead.
+    static_argnums: positional arguments passed to `fun` as Python values.
 
   Example:
     >>> import jax, jax.numpy as jnp, meshstate

@@ -50,6 +50,13 @@ class Mapper:
   mapped = True        # False for plain jit: no axis, nothing varies, random keys are not split
   keeps_layout = False  # True when written states are pinned to the layout they came in with
   follows_context = False   # True when the mesh is the context mesh of each call
+  # Declared for the type checker only: the mesh mappers (`_mesh.py`) have these, and the
+  # engine reaches them where it knows the kind of mapper, or after a `hasattr` check.
+  user_mesh: Any
+  fresh: Callable[[], Mapper]
+  add_axis: Callable[[Any], None]
+  keep: Callable[..., Any]
+  manual: Callable[[Any], frozenset]
 
   def slot_shardings(self, layout: Any) -> list | None:
     """Where the program wants each input slot; states are placed there once."""
@@ -143,6 +150,6 @@ class CustomMapper(Mapper):
 
     def call(*slots):
       args, kwargs = layout.treedef.unflatten(slots[:n_in])
-      out, states = mapped(*args, list(slots[n_in:]), **kwargs)
+      out, states = mapped(*args, list(slots[n_in:]), **kwargs)  # pyright: ignore
       return (*jax.tree.leaves(out), *states)
     return plan_of(layout, 'custom', call, body, donate)

@@ -267,7 +267,7 @@ class MeshMapper(_ShardMapMapper):
     mesh = self.user_mesh
     if mesh is None and current_mesh() is not None and self.devices is None:
       mesh = current_mesh()
-      if name not in mesh.axis_names:
+      if name not in mesh.axis_names:  # pyright: ignore[reportOptionalMemberAccess]
         raise NeedAxis(name, size, self)
     if mesh is not None:
       if name not in mesh.axis_names:

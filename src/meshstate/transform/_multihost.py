@@ -14,12 +14,14 @@ collective: every process must call them, in the same order, with values of the 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 __all__ = ['global_devices', 'is_global', 'to_global', 'to_local', 'local_value', 'gather',
            'assert_same_across_processes', 'ProcessMismatchError']
@@ -34,6 +36,10 @@ def global_devices(backend: str | None = None) -> tuple:
 
   A 1-D mesh over these devices gives each process a contiguous block of the mapped axis, so a
   process's local part of a mapped array is one slice of the global one.
+
+  Args:
+    backend: the platform whose devices to list (`'cpu'`, `'gpu'`, `'tpu'`); None: the
+      default backend.
 
   Example:
     >>> import jax
@@ -51,13 +57,16 @@ def is_global(x: Any) -> bool:
   Such an array is only partly readable here (`to_local`, `gather`). Always False with one
   process, and for tracers, numpy arrays and Python scalars.
 
+  Args:
+    x: any value.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from meshstate.transform._multihost import is_global
     >>> is_global(jnp.ones(3)), is_global(3.0)
     (False, False)
   """
-  return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  return (isinstance(x, jax.Array) and not isinstance(x, Tracer)
           and not x.is_fully_addressable)
 
 
@@ -73,7 +82,8 @@ def _leaf_to_global(x: Any, sharding: Sharding, global_shape: tuple | None) -> j
     return x
   if global_shape is None and isinstance(sharding, NamedSharding):
     # Reuses the local buffers when `x` is already laid out on this process's devices.
-    return multihost_utils.host_local_array_to_global_array(x, sharding.mesh, sharding.spec)
+    return multihost_utils.host_local_array_to_global_array(x, cast(Mesh, sharding.mesh),
+                                                            sharding.spec)
   return jax.make_array_from_process_local_data(sharding, np.asarray(x), global_shape)
 
 
@@ -86,6 +96,13 @@ def to_global(local_value: Any, sharding: Any, global_shape: Any = None) -> Any:
   (the same data in every process). `global_shape` (optional, per leaf) is for layouts where
   that is ambiguous. A leaf that already spans all processes is returned as it is. With one
   process this places the value on the sharding's devices.
+
+  Args:
+    local_value: this process's part: an array, or a pytree of arrays.
+    sharding: the global layout: one `jax.sharding.Sharding` for every leaf, or a pytree
+      prefix of `local_value` made of them.
+    global_shape: the global shape of each leaf (a tuple of ints, or a pytree prefix of them);
+      None infers it from the sharding.
 
   Example:
     >>> import jax, numpy as np
@@ -113,7 +130,8 @@ def _leaf_to_local(x: Any) -> Any:
   if not isinstance(sharding, NamedSharding):
     raise TypeError(f'to_local needs a NamedSharding to find the local part of an array that '
                     f'spans processes; got an array of shape {x.shape} with {sharding}.')
-  return multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec)
+  return multihost_utils.global_array_to_host_local_array(x, cast(Mesh, sharding.mesh),
+                                                          sharding.spec)
 
 
 def to_local(global_value: Any) -> Any:
@@ -123,6 +141,9 @@ def to_local(global_value: Any) -> Any:
   one keeps its full size. The result is a `jax.Array` on this process's devices; no data moves
   between processes. Leaves that are already local (every leaf, with one process) are returned
   as they are.
+
+  Args:
+    global_value: a global array, or a pytree of arrays.
 
   Example:
     >>> import jax, numpy as np
@@ -148,6 +169,9 @@ def local_value(obj: Any) -> Any:
   A mapped state that spans processes gives this process's lanes; a replicated one its full
   value. Nothing is fetched from other processes.
 
+  Args:
+    obj: a `State`, an array, or a pytree of them.
+
   Example:
     >>> import jax.numpy as jnp, meshstate
     >>> from meshstate.transform._multihost import local_value
@@ -159,7 +183,7 @@ def local_value(obj: Any) -> Any:
 
 
 def _leaf_gather(x: Any) -> np.ndarray:
-  if jax.dtypes.issubdtype(getattr(x, 'dtype', None) or np.result_type(x), jax.dtypes.prng_key):
+  if jnp.issubdtype(getattr(x, 'dtype', None) or np.result_type(x), jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if is_global(x):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -172,6 +196,9 @@ def gather(obj: Any) -> Any:
   An array that spans processes is gathered from all of them (every process must call
   `gather` on the same values, in the same order: it is a collective); a local one is copied
   to the host as it is. Typed PRNG keys come back as their key data.
+
+  Args:
+    obj: a `State`, an array, or a pytree of them.
 
   Example:
     >>> import jax.numpy as jnp, meshstate
@@ -206,6 +233,10 @@ def assert_same_across_processes(description: str, what: str = 'call signature')
   `multihost_utils.assert_equal`), so different texts cannot leave a process waiting in a
   collective of another shape; on a mismatch every process gathers all the texts and raises an
   error that lists them. It is a collective: every process must reach it.
+
+  Args:
+    description: the text that must be the same in every process.
+    what: what it describes, for the error message.
 
   Example:
     >>> from meshstate.transform._multihost import assert_same_across_processes

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import jax
 from jax import lax
@@ -47,7 +47,29 @@ class StatefulShardMap(StatefulMapping):
 
   The body sees per-device blocks, as under `jax.shard_map`. States are laid out by
   `state_in_specs`/`state_out_specs`; a state they do not cover is replicated when read, and a
-  rewritten state keeps the spec it was read with.
+  rewritten state keeps the spec it was read with. Made by `shard_map`, whose arguments these
+  are.
+
+  Args:
+    fun: the per-device function.
+    mesh: the mesh, or None for the context mesh of each call.
+    in_specs: a `PartitionSpec` per positional argument (or one for all).
+    out_specs: a `PartitionSpec`, or a pytree prefix of the outputs made of them.
+    state_in_specs: one spec, a `{State: spec}` or a `{filter: spec}` dict, for states read.
+    state_out_specs: the same form, for states written.
+    static_argnums: positional arguments passed as Python values.
+    donate_argnums: positional arguments whose buffers may be reused.
+    donate_states: donate the buffers of the states the call reads and rewrites.
+    check_vma: `jax.shard_map`'s varying-manual-axes check.
+    axis_names: the mesh axes `fun` is manual over (None: all).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, meshstate
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()), ('i',))
+    >>> f = meshstate.transform.StatefulShardMap(lambda x: x * 2, mesh, P('i'), P('i'))
+    >>> f(jnp.ones(len(jax.devices()))).sum() == 2 * len(jax.devices())
+    Array(True, dtype=bool)
   """
   _sized = False
 
@@ -150,11 +172,26 @@ class StatefulShardMap(StatefulMapping):
     return spec
 
 
-def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: Any = None,
+Decorator = Callable[[Callable[..., Any]], StatefulShardMap]
+
+
+@overload
+def shard_map(fun: Callable[..., Any], mesh: Mesh | None = None, in_specs: Any = None,
               out_specs: Any = None, *, state_in_specs: Any = None, state_out_specs: Any = None,
               check_vma: bool = True, axis_names: Any = None,
               static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
-              donate_states: bool = False) -> StatefulShardMap | Callable:
+              donate_states: bool = False) -> StatefulShardMap: ...
+@overload
+def shard_map(fun: None = None, mesh: Mesh | None = None, in_specs: Any = None,
+              out_specs: Any = None, *, state_in_specs: Any = None, state_out_specs: Any = None,
+              check_vma: bool = True, axis_names: Any = None,
+              static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+              donate_states: bool = False) -> Decorator: ...
+def shard_map(fun: Callable[..., Any] | None = None, mesh: Mesh | None = None,
+              in_specs: Any = None, out_specs: Any = None, *, state_in_specs: Any = None,
+              state_out_specs: Any = None, check_vma: bool = True, axis_names: Any = None,
+              static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
+              donate_states: bool = False) -> StatefulShardMap | Decorator:
   """`jax.shard_map` under `jax.jit` that reads and writes `State`s with explicit specs.
 
   `mesh`, `in_specs` and `out_specs` may be passed positionally (as in brainstate) or by
@@ -164,6 +201,33 @@ def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: A
   `PartitionSpec` for every state, a `{State: spec}` dict or a `{filter: spec}` dict; uncovered
   states are replicated when read and keep their spec when rewritten. Random states get a
   distinct key per device.
+
+  Args:
+    fun: the per-device function; it sees blocks of the arguments and of the states, as
+      under `jax.shard_map`, and may read and write `State`s.
+    mesh: the `jax.sharding.Mesh` to run on; None uses the context mesh of each call.
+    in_specs: a `PartitionSpec` per positional argument (a tuple with one entry per argument,
+      or one spec for all); None in it means replicated. Keyword arguments are not accepted
+      at call time.
+    out_specs: a `PartitionSpec`, or a pytree prefix of the outputs made of them. An output
+      that differs across a mesh axis must name that axis (checked, a `ValueError` otherwise).
+    state_in_specs: how states are laid out when read: one `PartitionSpec` for every state, a
+      `{State: spec}` dict or a `{filter: spec}` dict (first match wins). Uncovered states are
+      replicated.
+    state_out_specs: the same form, for written states; a written state not covered keeps the
+      spec it was read with (replicated if it was not read).
+    check_vma: `jax.shard_map`'s varying-manual-axes check: True types each value by the mesh
+      axes it varies over (and differentiates accordingly); False gives `jax.pmap`'s semantics.
+    axis_names: the mesh axes `fun` is manual over (a set of names); the other axes stay
+      automatic, as in `jax.shard_map`. None: all of them.
+    static_argnums: positional arguments passed to `fun` as Python values (hashable; a new
+      value compiles a new program).
+    donate_argnums: positional arguments whose buffers the program may reuse for its outputs.
+    donate_states: donate the buffers of the states the call reads and rewrites.
+
+  Returns:
+    A `StatefulShardMap` (a `StatefulMapping`: with `explain` and `lower`), or, without
+    `fun`, a decorator that makes one.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
@@ -185,4 +249,7 @@ def shard_map(fun: Callable | None = None, mesh: Mesh | None = None, in_specs: A
                 check_vma=check_vma, axis_names=axis_names)
   if fun is None:
     return functools.partial(shard_map, **kwargs)
-  return StatefulShardMap(fun, **kwargs)
+  return StatefulShardMap(fun, mesh, in_specs, out_specs, state_in_specs=state_in_specs,
+                          state_out_specs=state_out_specs, static_argnums=static_argnums,
+                          donate_argnums=donate_argnums, donate_states=donate_states,
+                          check_vma=check_vma, axis_names=axis_names)

@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any as _AnyType, Callable, Hashable
+from typing import Any as _AnyType, Callable, Hashable, cast
 
 from meshstate._state import State
 
@@ -45,7 +45,7 @@ class Filter:
     return ()
 
   def __eq__(self, other: object) -> bool:
-    if type(self) is not type(other):
+    if type(self) is not type(other) or not isinstance(other, Filter):
       return NotImplemented
     return self._key() == other._key()
 
@@ -73,7 +73,16 @@ class Filter:
 
 
 class OfType(Filter):
-  """True for states that are instances of ``type`` (a class or a tuple of classes)."""
+  """True for states that are instances of ``type`` (a class or a tuple of classes).
+
+  Args:
+    type: a class, or a tuple of classes (any of them matches).
+
+  Example:
+    >>> from meshstate import ParamState, State
+    >>> OfType(ParamState)((), ParamState(0.0)), OfType(ParamState)((), State(0.0))
+    (True, False)
+  """
 
   __slots__ = ('type',)
 
@@ -95,7 +104,16 @@ class OfType(Filter):
 
 
 class PathContains(Filter):
-  """True when ``name`` is one of the path's elements (an exact match, not a substring)."""
+  """True when ``name`` is one of the path's elements (an exact match, not a substring).
+
+  Args:
+    name: the path element to look for: an attribute name, a dict key or a list index.
+
+  Example:
+    >>> from meshstate import State
+    >>> PathContains('bias')(('layers', 0, 'bias'), State(0.0))
+    True
+  """
 
   __slots__ = ('name',)
 
@@ -136,6 +154,11 @@ class _Combination(Filter):
 class Any(_Combination):
   """True when at least one of ``filters`` is true (``Any()`` is never true).
 
+  Args:
+    *filters: the selectors to combine, each one that `to_predicate` accepts (a filter, a
+      `State` subclass, a `State`, an iterable of `State`s, a path element name, a callable
+      `(path, state) -> bool`).
+
   Example:
     >>> from meshstate import ParamState
     >>> Any(ParamState, 'bias')(('bias',), ParamState(0.0))
@@ -148,6 +171,11 @@ class Any(_Combination):
 class All(_Combination):
   """True when every one of ``filters`` is true (``All()`` is always true).
 
+  Args:
+    *filters: the selectors to combine, each one that `to_predicate` accepts (a filter, a
+      `State` subclass, a `State`, an iterable of `State`s, a path element name, a callable
+      `(path, state) -> bool`).
+
   Example:
     >>> from meshstate import ParamState
     >>> All(ParamState, 'bias')(('weight',), ParamState(0.0))
@@ -158,7 +186,18 @@ class All(_Combination):
 
 
 class Not(Filter):
-  """True when ``filter`` is false."""
+  """True when ``filter`` is false.
+
+  Args:
+    filter: the selector to negate, one that `to_predicate` accepts (a filter, a `State`
+      subclass, a `State`, an iterable of `State`s, a path element name, a callable
+      `(path, state) -> bool`).
+
+  Example:
+    >>> from meshstate import ParamState, State
+    >>> Not(ParamState)((), State(0.0))
+    True
+  """
 
   __slots__ = ('filter',)
 
@@ -233,6 +272,14 @@ def to_predicate(selector: _AnyType) -> Predicate:
   * a string: `PathContains` of it.
 
   Anything else (``None``, ``True``, numbers, non-State classes, ...) raises a `TypeError`.
+
+  Args:
+    selector: the selector to turn into a predicate.
+
+  Example:
+    >>> from meshstate import ParamState
+    >>> to_predicate('weight')(('weight',), ParamState(0.0))
+    True
   """
   if isinstance(selector, Filter):
     return selector
@@ -260,7 +307,7 @@ def to_predicate(selector: _AnyType) -> Predicate:
     raise TypeError(f'Cannot use {selector!r} as a state selector; use '
                     f'meshstate.util.filter.Everything() or Nothing() instead.')
   if callable(selector):
-    return selector
+    return cast(Predicate, selector)
   raise TypeError(f'Cannot use {selector!r} (of type {type(selector).__name__}) as a state '
                   f'selector: expected a filter, a callable (path, state) -> bool, a State, an '
                   f'iterable of States, a State subclass or a path element name (str).')
