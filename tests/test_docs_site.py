@@ -124,7 +124,7 @@ def test_readme_blocks_run(tmp_path):
   code = blocks(ROOT / 'README.md', 'python')
   assert len(code) >= 2
   out = run_script(tmp_path, '\n\n'.join(code), devices=True)
-  losses = ast.literal_eval(out.splitlines()[-1])
+  losses = ast.literal_eval([ln for ln in out.splitlines() if ln.startswith('[')][-1])
   assert len(losses) == 5 and all(b < a for a, b in zip(losses, losses[1:])), out
 
 

@@ -206,6 +206,10 @@ class StateTable:
   together) and `bytes_global` (the states' sizes summed, each counted once however many
   devices hold a copy). `str()` aligns the rows for a terminal and ends with a totals line;
   notebooks show an HTML table (`_repr_html_`).
+
+  Args:
+    rows: one dict per array, with the keys of `COLUMNS` (and `processes`/`note` when shown).
+    totals: the totals over all states, as described above.
   """
   rows: list[dict]
   totals: dict = dataclasses.field(default_factory=dict)
