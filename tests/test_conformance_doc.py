@@ -137,9 +137,6 @@ def test_shard_map_in_specs_of_the_wrong_length():
     f(jnp.ones(N), jnp.ones(N))
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason='known gap (docs/conformance.md): an input on an Explicit-axis mesh '
-                          'whose axis is not the mapped axis')
 def test_explicit_mesh_input_under_another_axis_name():
   mesh = jax.make_mesh((N,), ('e',))
   x = jax.device_put(rand(N, 2), NamedSharding(mesh, P('e')))

@@ -430,6 +430,9 @@ class StatefulMapping:
     sig = self._signature(args, kwargs)
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
+    moved = _off_mesh_explicit(leaves, entry.plan)
+    if moved is not None:   # typed with another Explicit mesh: moved onto the plan's own first
+      return entry, moved, list(map(_get_value, entry.in_states))
     if entry.local_io:   # this process's parts of the arguments, as one global array each
       return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), list(
           map(_get_value, entry.in_states))
@@ -997,6 +1000,24 @@ class StatefulMapping:
   def __repr__(self) -> str:
     return (f'StatefulMapping({self.name}, in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, '
             f'axis_name={self.axis_name!r})')
+
+
+def _off_mesh_explicit(leaves: list, plan: Plan) -> list | None:
+  """`leaves` moved to the plan's input shardings if some carry another Explicit mesh's type.
+
+  On an Explicit-axis mesh an array's sharding is part of its type, which a program on another
+  mesh cannot take; `jax.pmap` fails on such inputs.
+  """
+  if plan.kind != 'shard_map' or not plan.in_shardings:
+    return None
+  def foreign(x):
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    return (mesh is not None and mesh != plan.mesh and mesh.axis_names
+            and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))
+  if not any(map(foreign, leaves)):
+    return None
+  return [jax.device_put(x, s) if foreign(x) else x for x, s in zip(leaves, plan.in_shardings)]
 
 
 def _eval_shape(probe: Callable, leaves: list) -> None:
