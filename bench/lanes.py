@@ -137,7 +137,7 @@ def main(argv=None) -> int:
   p.add_argument('--target-ms', type=float, default=20.0)
   args = p.parse_args(argv)
   if args.quick:
-    args.states, args.rounds, args.calls = '1,4', 3, 5
+    args.states, args.rounds, args.calls = '2', 3, 5
   args.states = [int(s) for s in args.states.split(',')]
   failures = T.Failures(args.fail)
   rows = measure(args, failures)

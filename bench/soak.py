@@ -86,7 +86,7 @@ def main(argv=None) -> int:
   p.add_argument('--variants', default='donated,not donated,two shapes')
   args = p.parse_args(argv)
   if args.quick:
-    args.calls, args.every = 100, 50
+    args.calls, args.every, args.variants = 100, 50, 'donated,two shapes'
   failures = T.Failures(args.fail)
   rows, summary = [], []
   for variant in args.variants.split(','):
