@@ -1,31 +1,26 @@
-"""Steady-state per-call time of a stateful `pmap2` step against hand-written baselines.
+"""Per-call time of a stateful `pmap2` step against a hand-written `jit(shard_map)`, by state count.
 
-Each case updates S states (S = 1 and 256) of shape (n, 4) by a mapped argument on a 1-D
-mesh of all devices. Baselines measured in the same run, interleaved round by round:
-  - `jit(shard_map)`: hand-written `jax.jit(jax.shard_map(...))` that passes the states in and
-    out explicitly, pre-sharded and donated (the target: ratios near 1);
-  - `jax.pmap` of the same pure step;
-  - brainstate's `pmap2`, when brainstate is installed (one call a round: on current JAX it
-    compiles on every call).
-Prints a table of median times and ratios (the median over rounds of each round's time over the
-baseline's in that round) and writes JSON (default bench/results/dispatch.json).
+Each case updates S states of shape (n, 4) by a mapped argument (`s.value = s.value + x`) on a
+1-D mesh of all n devices, with the written states donated or not. Variants, interleaved round
+by round in shuffled order:
+  - `meshstate.pmap2` (`donate_states=` as the case says);
+  - `jit(shard_map)`: the hand-written `jax.jit(jax.shard_map(...))` that passes the same states
+    in and out explicitly, pre-sharded (the baseline: ratios near 1);
+  - `jax.pmap` of the same step written functionally (up to --pmap-max-states states);
+  - brainstate's `pmap2` when brainstate is installed (up to 256 states, not donated: it has no
+    donation; one call a round, since on current JAX it compiles on every call).
+Prints median µs/call, the overhead over the baseline in µs and as a ratio (medians over rounds of
+each round's difference and ratio), and writes JSON. Every variant's states are checked after
+the run (each call adds 1 to every element).
 
-  python bench/dispatch.py [--rounds 15] [--calls 20] [--out PATH]
+  python bench/dispatch.py [--states 1,16,256,4096] [--rounds 15] [--calls 20] [--quick]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import random
-import statistics
 import sys
-import time
+from functools import partial
 
-if 'jax' not in sys.modules and not os.environ.get('JAX_PLATFORMS'):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
+import _timing as T
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +30,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import meshstate
 from meshstate.transform import pmap2
 
+COLUMNS = [('states', 'states', 'd'), ('donated', 'donated', ''), ('variant', 'variant', ''),
+           ('median_us', 'µs/call', '.1f'), ('overhead_us', 'overhead µs', '+.1f'),
+           ('ratio', 'ratio', '.3f'), ('ratio_q1', 'q1', '.3f'), ('ratio_q3', 'q3', '.3f')]
 
-def _meshstate_case(n_states, x, n):
+
+def _expect(values, calls: int) -> None:
+  for v in values:
+    got = np.asarray(v)
+    if not np.all(got == calls):
+      raise AssertionError(f'after {calls} calls a state holds {got.ravel()[:4]}..., '
+                           f'expected {float(calls)} everywhere')
+
+
+def _ends(xs):
+  return [xs[0], xs[-1]]
+
+
+def meshstate_case(n_states, x, donate):
+  n = x.shape[0]
   states = [meshstate.ParamState(jnp.zeros((n, 4))) for _ in range(n_states)]
 
   def step(x):
@@ -45,11 +57,13 @@ def _meshstate_case(n_states, x, n):
     return x
 
   f = pmap2(step, axis_name='i', state_in_axes=meshstate.ParamState,
-            state_out_axes=meshstate.ParamState, donate_states=True)
-  return lambda: f(x)
+            state_out_axes=meshstate.ParamState, donate_states=donate)
+  return T.Case('meshstate.pmap2', lambda: f(x),
+                lambda k: _expect([s.value for s in _ends(states)], k))
 
 
-def _shard_map_case(n_states, x, mesh, n):
+def shard_map_case(n_states, x, mesh, donate):
+  n = x.shape[0]
   sharding = NamedSharding(mesh, P('i'))
   box = [[jax.device_put(jnp.zeros((n, 4)), sharding) for _ in range(n_states)]]
 
@@ -57,30 +71,32 @@ def _shard_map_case(n_states, x, mesh, n):
     return x, [v + x for v in vals]
 
   g = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P('i'), P('i')),
-                            out_specs=(P('i'), P('i'))), donate_argnums=1)
+                            out_specs=(P('i'), P('i'))), donate_argnums=1 if donate else ())
 
   def call():
     out, box[0] = g(x, box[0])
     return out
-  return call
+  return T.Case('jit(shard_map)', call, lambda k: _expect(_ends(box[0]), k))
 
 
-def _pmap_case(n_states, n):
+def pmap_case(n_states, n, donate):
   x = jax.pmap(lambda v: v)(jnp.ones((n, 4)))
   box = [jax.pmap(lambda v: [v] * n_states)(jnp.zeros((n, 4)))]
-  g = jax.pmap(lambda x, vals: (x, [v + x for v in vals]), axis_name='i', donate_argnums=1)
+  g = jax.pmap(lambda x, vals: (x, [v + x for v in vals]), axis_name='i',
+               donate_argnums=1 if donate else ())
 
   def call():
     out, box[0] = g(x, box[0])
     return out
-  return call
+  return T.Case('jax.pmap', call, lambda k: _expect(_ends(box[0]), k))
 
 
-def _brainstate_case(n_states, x, n):
+def brainstate_case(n_states, x):
   try:
     import brainstate
   except ImportError:
     return None
+  n = x.shape[0]
   states = [brainstate.ParamState(jnp.zeros((n, 4))) for _ in range(n_states)]
 
   def step(x):
@@ -88,71 +104,61 @@ def _brainstate_case(n_states, x, n):
       s.value = s.value + x
     return x
 
-  f = brainstate.transform.pmap2(step, axis_name='i',
-                                 state_in_axes={0: brainstate.util.filter.OfType(
-                                     brainstate.ParamState)},
-                                 state_out_axes={0: brainstate.util.filter.OfType(
-                                     brainstate.ParamState)})
-  return lambda: f(x)
+  only = {0: brainstate.util.filter.OfType(brainstate.ParamState)}
+  f = brainstate.transform.pmap2(step, axis_name='i', state_in_axes=only, state_out_axes=only)
+  return T.Case('brainstate.pmap2', lambda: f(x),
+                lambda k: _expect([s.value for s in _ends(states)], k), calls_per_round=1)
 
 
-def measure(rounds: int, calls: int) -> list[dict]:
+def measure(args, failures: T.Failures) -> list[dict]:
   n = jax.device_count()
   mesh = Mesh(np.array(jax.devices()), ('i',))
   x = jax.device_put(jnp.ones((n, 4)), NamedSharding(mesh, P('i')))
   rows = []
-  for n_states in (1, 256):
-    cases = {'meshstate.pmap2': _meshstate_case(n_states, x, n),
-             'jit(shard_map)': _shard_map_case(n_states, x, mesh, n),
-             'jax.pmap': _pmap_case(n_states, n)}
-    bs = _brainstate_case(n_states, x, n)
-    if bs is not None:
-      cases['brainstate.pmap2'] = bs
-    times = {k: [] for k in cases}
-    for call in cases.values():   # compile and warm up
-      for _ in range(3):
-        jax.block_until_ready(call())
-    order = [k for k in cases if k != 'brainstate.pmap2']
-    rng = random.Random(0)
-    for _ in range(rounds):
-      rng.shuffle(order)   # no variant always runs right after another
-      # brainstate's pmap2 recompiles on every call on current JAX: one call a round, last.
-      for name in order + [k for k in cases if k == 'brainstate.pmap2']:
-        n_calls = calls if name != 'brainstate.pmap2' else 1
-        t0 = time.perf_counter()
-        for _ in range(n_calls):
-          out = cases[name]()
-        jax.block_until_ready(out)
-        times[name].append((time.perf_counter() - t0) / n_calls)
-    base = times['jit(shard_map)']
-    for name, ts in times.items():
-      # Rounds interleave the variants, so a round's ratio cancels the machine's drift.
-      ratio = statistics.median(t / b for t, b in zip(ts, base))
-      rows.append({'states': n_states, 'variant': name, 'median_us': statistics.median(ts) * 1e6,
-                   'ratio_vs_jit_shard_map': ratio})
+  for n_states in args.states:
+    for donate in args.donate:
+      label = f'{n_states} states, donated={donate}: '
+      makers = [('meshstate.pmap2', partial(meshstate_case, n_states, x, donate)),
+                ('jit(shard_map)', partial(shard_map_case, n_states, x, mesh, donate))]
+      if n_states <= args.pmap_max_states:
+        makers.append(('jax.pmap', partial(pmap_case, n_states, n, donate)))
+      if n_states <= 256 and not donate:
+        makers.append(('brainstate.pmap2', partial(brainstate_case, n_states, x)))
+      cases = []
+      for name, make in makers:
+        case = failures.guard(label + name, make)
+        if case is not None:
+          case.call = failures.wrap(case.name, case.call)
+          cases.append(case)
+      print(f'{label}compiling and timing {len(cases)} variants', file=sys.stderr, flush=True)
+      times = T.interleave(cases, args.rounds, args.calls, failures, label=label,
+                           target_s=args.target_ms / 1e3)
+      for row in T.summarize(times, 'jit(shard_map)'):
+        rows.append({'states': n_states, 'donated': 'yes' if donate else 'no', **row})
   return rows
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--rounds', type=int, default=21)
-  parser.add_argument('--calls', type=int, default=20)
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
-                                                    'dispatch.json'))
-  args = parser.parse_args(argv)
-  rows = measure(args.rounds, args.calls)
-  print(f'{"states":>6}  {"variant":<18} {"median us/call":>15} {"ratio vs jit(shard_map)":>24}')
-  for r in rows:
-    print(f'{r["states"]:>6}  {r["variant"]:<18} {r["median_us"]:>15.1f} '
-          f'{r["ratio_vs_jit_shard_map"]:>24.2f}')
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  meta = {'jax': jax.__version__, 'devices': jax.device_count(),
-          'platform': jax.devices()[0].platform, 'machine': platform.machine(),
-          'rounds': args.rounds, 'calls_per_round': args.calls}
-  with open(args.out, 'w') as f:
-    json.dump({'meta': meta, 'rows': rows}, f, indent=2)
-  print(f'wrote {args.out}')
+def main(argv=None) -> int:
+  p = T.parser(__doc__, 'dispatch')
+  p.add_argument('--states', default='1,16,256,4096')
+  p.add_argument('--donate', default='yes,no', help='yes, no, or yes,no')
+  p.add_argument('--rounds', type=int, default=15)
+  p.add_argument('--calls', type=int, default=20, help='calls per round (at most)')
+  p.add_argument('--target-ms', type=float, default=20.0,
+                 help='fewer calls per round when a round of one variant would take longer')
+  p.add_argument('--pmap-max-states', type=int, default=256)
+  args = p.parse_args(argv)
+  if args.quick:
+    args.states, args.donate, args.rounds, args.calls = '1', 'yes,no', 3, 5
+  args.states = [int(s) for s in args.states.split(',')]
+  args.donate = [d.strip() == 'yes' for d in args.donate.split(',')]
+  failures = T.Failures(args.fail)
+  rows = measure(args, failures)
+  T.print_table(rows, COLUMNS)
+  T.write_json(T.out_path(args, 'dispatch'), rows,
+               T.meta(rounds=args.rounds, calls_per_round=args.calls, quick=args.quick))
+  return failures.exit_code()
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
