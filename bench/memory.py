@@ -48,9 +48,8 @@ def _mmap_large_buffers() -> bool:
 def _xla_temp_bytes(compiled) -> int | None:
   """XLA's temporary bytes of a compiled program, summed over the devices (None: unknown)."""
   import jax
-  inner = getattr(compiled, '_compiled', compiled)   # meshstate's Compiled wraps jax's
   try:
-    stats = inner.memory_analysis()
+    stats = compiled.memory_analysis()
   except Exception:
     return None
   return None if stats is None else stats.temp_size_in_bytes * jax.device_count()

@@ -39,6 +39,7 @@ def test_pmap2_compiled_takes_user_arguments_and_writes_states(abstract):
   compiled(x, 2.0)
   close(total.value, 2 * jnp.sum(x))
   assert compiled.cost_analysis() is not None
+  assert compiled.memory_analysis().temp_size_in_bytes >= 0
 
 
 def test_jit_compiled_with_keyword_arguments():

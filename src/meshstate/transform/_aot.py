@@ -56,6 +56,9 @@ class Compiled:
   def cost_analysis(self) -> Any:
     return self._compiled.cost_analysis()
 
+  def memory_analysis(self) -> Any:
+    return self._compiled.memory_analysis()
+
   @property
   def args_info(self) -> Any:
     return _args_info(self._plan, self._compiled.args_info)
