@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
@@ -39,7 +39,9 @@ ROLES = ('read', 'mapped_in', 'lane', 'reduced', 'rmw', 'gathered', 'fed')
 DECLARED_IN, DECLARED_OUT = ('mapped_in', 'rmw'), ('lane', 'rmw')
 # Outputs: 'lane' varies per lane; 'coll' is the collective's result; 'sum' is a psum; 'arg<k>'
 # returns argument k (varying only when k is mapped).
+# No shrinking: every step compiles, so a failure would stall CI; the full case is printed.
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -99,9 +101,7 @@ def varies(in_axes, collective, kind):
   return kind == 'lane'
 
 
-@st.composite
-def state_cases(draw):
-  role = draw(st.sampled_from(ROLES))
+def state_case(draw, role):
   shape = draw(SHAPES)
   in_axis = axis_for(draw, len(shape)) if role in DECLARED_IN else None
   out_axis = None
@@ -116,7 +116,8 @@ def state_cases(draw):
 
 
 @st.composite
-def cases(draw, lanes):
+def cases(draw, lanes, collective, bad_none=False):
+  """A call; with `bad_none` one per-lane output gets `out_axes=None` (an error)."""
   n_args = draw(st.integers(1, 3))
   shapes = tuple(draw(SHAPES) for _ in range(n_args))
   in_axes = [axis_for(draw, len(s), allow_none=True) for s in shapes]
@@ -124,20 +125,22 @@ def cases(draw, lanes):
     k = draw(st.integers(0, n_args - 1))
     in_axes[k] = axis_for(draw, len(shapes[k]))
   lead = draw(st.integers(0, n_args - 1))
-  collective = draw(st.sampled_from(COLLECTIVES))
   kinds = st.sampled_from(['lane', 'coll', 'sum'] + [f'arg{k}' for k in range(n_args)])
-  outputs = tuple(draw(st.lists(kinds, min_size=1, max_size=3)))
-  bad_none = draw(st.integers(0, 5)) == 5   # sometimes out_axes=None on a per-lane output
+  outputs = draw(st.lists(kinds, min_size=1, max_size=3))
+  if bad_none:
+    outputs[draw(st.integers(0, len(outputs) - 1))] = 'lane'
   out_axes = []
   for kind in outputs:
     rank = output_rank(shapes, lead, collective, kind)
-    if varies(in_axes, collective, kind) and not bad_none:
-      out_axes.append(axis_for(draw, rank))
-    else:
+    if not varies(in_axes, collective, kind):
       out_axes.append(axis_for(draw, rank, allow_none=True))
+    else:
+      out_axes.append(None if bad_none and kind == 'lane' else axis_for(draw, rank))
+  outputs = tuple(outputs)
+  roles = draw(st.permutations(ROLES))[:draw(st.integers(0, 4))]   # 0-4 states, distinct roles
   return Case(draw(lanes), shapes, tuple(in_axes), lead, collective, outputs, tuple(out_axes),
               len(outputs) == 1 and draw(st.booleans()),
-              tuple(draw(st.lists(state_cases(), max_size=4))), draw(st.booleans()),
+              tuple(state_case(draw, r) for r in roles), draw(st.booleans()),
               draw(st.integers(0, 2**16)))
 
 
@@ -154,7 +157,7 @@ def with_lanes(shape, axis, lanes):
   return shape[:pos] + (lanes,) + shape[pos:]
 
 
-def collective(name, v, lanes):
+def apply_collective(name, v, lanes):
   if name == 'psum':
     return lax.psum(v, NAME)
   if name == 'pmean':
@@ -175,7 +178,8 @@ def body(case, args, get, put):
     if s.role in ('read', 'mapped_in'):
       scalar = scalar + (k + 1) * 0.5 * jnp.sum(get(k))
   v = args[case.lead] * 1.5 + scalar
-  total = jnp.sum(v)
+  c = apply_collective(case.collective, v, case.lanes)
+  total = jnp.sum(v) + 0.5 * jnp.sum(c)   # every write and 'lane' output sees the collective
   for k, s in enumerate(case.states):
     if s.role == 'lane':
       old = get(k) if s.read_first else jnp.zeros(s.shape)
@@ -188,8 +192,7 @@ def body(case, args, get, put):
       put(k, get(k) * 0.5 + total)
     elif s.role == 'gathered':
       put(k, jnp.zeros(s.shape) - total * (k + 1))
-  c = collective(case.collective, v, case.lanes)
-  made = {'lane': v * 2.0, 'coll': c, 'sum': lax.psum(v, NAME)}
+  made = {'lane': v * 2.0 + total, 'coll': c, 'sum': lax.psum(v, NAME)}
   outs = tuple(made[kind] if kind in made else args[int(kind[3:])] + 1.0
                for kind in case.outputs)
   return outs[0] if case.single else outs
@@ -203,21 +206,29 @@ def out_spec(case):
   return case.out_axes[0] if case.single else case.out_axes
 
 
-def oracle(case, args, values):
-  """`jax.vmap` of the pure body: (outputs, {k: new value}) for the states it writes."""
-  keys = written(case)
+def read(case):
+  return [k for k, s in enumerate(case.states)
+          if s.role in ('read', 'mapped_in', 'rmw', 'fed') or (s.role in ('lane', 'reduced')
+                                                               and s.read_first)]
 
-  def pure(args, vals):
-    new = {}
-    outs = body(case, args, lambda k: vals[k], new.__setitem__)
-    return outs, tuple(new[k] for k in keys)
 
-  state_in = tuple(s.in_axis for s in case.states)
-  state_out = tuple(case.states[k].out_axis for k in keys)
-  run = jax.vmap(pure, in_axes=(case.in_axes, state_in), out_axes=(out_spec(case), state_out),
-                 axis_name=NAME, axis_size=case.lanes)
-  outs, new = jax.jit(run)(tuple(args), tuple(values))   # jit: one compile, not one per op
-  return outs, dict(zip(keys, new))
+def oracle(case):
+  """`jax.vmap` of the pure body, jitted once: `(args, values) -> (outputs, {k: new value})`."""
+  ins, outs = read(case), written(case)
+
+  def pure(args, old):
+    vals, new = dict(zip(ins, old)), {}
+    out = body(case, args, vals.__getitem__, new.__setitem__)
+    return out, tuple(new[k] for k in outs)
+
+  run = jax.jit(jax.vmap(pure, in_axes=(case.in_axes, tuple(case.states[k].in_axis for k in ins)),
+                         out_axes=(out_spec(case), tuple(case.states[k].out_axis for k in outs)),
+                         axis_name=NAME, axis_size=case.lanes))
+
+  def call(args, values):
+    out, new = run(tuple(args), tuple(values[k] for k in ins))
+    return out, dict(zip(outs, new))
+  return call
 
 
 def inputs(case):
@@ -286,25 +297,21 @@ def assert_layout(case, outs, states):
       assert s.value.sharding.is_fully_replicated, s
 
 
-def run_case(transform, case):
+def make(transform, case):
   args, values = inputs(case)
   states = [State(v, name=f's{k}_{s.role}') for k, (v, s) in enumerate(zip(values, case.states))]
   traces = []
-  f = mapped(transform, case, states, traces)
-  if any(a is None and varies(case.in_axes, case.collective, kind)
-         for kind, a in zip(case.outputs, case.out_axes)):
-    with pytest.raises(ValueError, match='out_axes'):   # the oracle refuses it too
-      oracle(case, args, values)
-    with pytest.raises(ValueError, match='out_axes'):
-      f(*args)
-    assert_states(states, values)
-    return
+  return args, values, states, traces, mapped(transform, case, states, traces)
+
+
+def run_case(transform, case):
+  args, values, states, traces, f = make(transform, case)
   # Written states come back in a new layout, so the second call may trace again; the third
   # runs the cached program unless a state read broadcast and written per lane grows each call.
   grows = any(s.role == 'lane' and s.read_first for s in case.states)
-  expected = list(values)
+  expected, reference = list(values), oracle(case)
   for call in range(3):
-    want, new = oracle(case, args, expected)
+    want, new = reference(args, expected)
     for k, v in new.items():
       expected[k] = v
     before = len(traces)
@@ -317,13 +324,29 @@ def run_case(transform, case):
       assert_layout(case, got, states)
 
 
-@settings(max_examples=20, **SETTINGS)
-@given(case=cases(PMAP_LANES))
-def test_pmap2_matches_vmap_oracle(case):
-  run_case(pmap2, case)
+@pytest.mark.parametrize('collective', COLLECTIVES)
+@settings(max_examples=3, **SETTINGS)
+@given(data=st.data())
+def test_pmap2_matches_vmap_oracle(collective, data):
+  run_case(pmap2, data.draw(cases(PMAP_LANES, collective), label='case'))
 
 
-@settings(max_examples=12, **SETTINGS)
-@given(case=cases(VMAP_LANES))
-def test_vmap2_matches_vmap_oracle(case):
-  run_case(vmap2, case)
+@pytest.mark.parametrize('collective', COLLECTIVES)
+@settings(max_examples=2, **SETTINGS)
+@given(data=st.data())
+def test_vmap2_matches_vmap_oracle(collective, data):
+  run_case(vmap2, data.draw(cases(VMAP_LANES, collective), label='case'))
+
+
+@pytest.mark.parametrize('transform, lanes', [(pmap2, PMAP_LANES), (vmap2, VMAP_LANES)],
+                         ids=['pmap2', 'vmap2'])
+@settings(max_examples=4, **SETTINGS)
+@given(data=st.data())
+def test_out_axes_none_on_a_per_lane_output_is_an_error(transform, lanes, data):
+  case = data.draw(cases(lanes, data.draw(st.sampled_from(COLLECTIVES)), bad_none=True))
+  args, values, states, _, f = make(transform, case)
+  with pytest.raises(ValueError, match='out_axes'):   # the oracle refuses it too
+    oracle(case)(args, values)
+  with pytest.raises(ValueError, match='out_axes'):
+    f(*args)
+  assert_states(states, values)
