@@ -1,36 +1,72 @@
 """Every use of a name JAX does not export publicly, checked once at import.
 
-If a JAX release moves one of these, importing meshstate fails here with a message that names
-it, instead of a transform silently taking another path.
+Each name below is the same in every supported JAX release (`MIN_JAX`, the lower bound in
+pyproject.toml, up to the newest one tested, 0.12.0.1). If a JAX release moves one of them,
+importing meshstate fails here with a message that names it, instead of a transform silently
+taking another path.
 """
 from __future__ import annotations
 
+import importlib
+import re
+from types import ModuleType
 from typing import Any
 
-__all__ = ['ArrayImpl', 'vma', 'distributed_client', 'api_boundary', 'hide_frames_of']
+import jax
 
-try:
-  from jax._src.array import ArrayImpl   # the concrete array type: skips tracer checks by type
-except ImportError as err:  # pragma: no cover - depends on the installed JAX
-  raise ImportError(f'meshstate needs jax._src.array.ArrayImpl, which this JAX release does not '
-                    f'have ({err}); install a JAX version that meshstate supports.') from err
+__all__ = ['MIN_JAX', 'ArrayImpl', 'vma', 'bound_axis_names', 'tracer_kind', 'scan_counts',
+           'distributed_client', 'api_boundary', 'hide_frames_of']
 
-
-try:
-  from jax._src import distributed as _distributed   # the coordination service's client
-except ImportError as err:  # pragma: no cover - depends on the installed JAX
-  raise ImportError(f'meshstate needs jax._src.distributed, which this JAX release does not '
-                    f'have ({err}); install a JAX version that meshstate supports.') from err
-if not hasattr(_distributed, 'global_state'):  # pragma: no cover
-  raise ImportError('meshstate needs jax._src.distributed.global_state, which this JAX '
-                    'release does not have; install a JAX version that meshstate supports.')
+# The oldest JAX that has every public API meshstate uses (`jax.extend.core.
+# get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
+MIN_JAX = '0.10.0'
 
 
-try:   # how JAX hides its own frames from the tracebacks of errors raised in user code
-  from jax._src.traceback_util import api_boundary, register_exclusion
-except ImportError as err:  # pragma: no cover - depends on the installed JAX
-  raise ImportError(f'meshstate needs jax._src.traceback_util, which this JAX release does not '
-                    f'have ({err}); install a JAX version that meshstate supports.') from err
+def _release(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in re.findall(r'\d+', version.split('+')[0])[:3])
+
+
+if _release(jax.__version__) < _release(MIN_JAX):  # pragma: no cover - depends on the install
+  raise ImportError(f'meshstate needs jax>={MIN_JAX}, but jax {jax.__version__} is installed; '
+                    f'upgrade it with `pip install -U "jax>={MIN_JAX}"`.')
+
+
+def _private(module: str, *names: str) -> ModuleType:
+  """JAX's private `module`, checked to have `names`; an ImportError naming what is missing."""
+  try:
+    found = importlib.import_module(module)
+  except ImportError as err:  # pragma: no cover - depends on the installed JAX
+    raise ImportError(f'meshstate needs {module}, which jax {jax.__version__} does not have '
+                      f'({err}); install a JAX version that meshstate supports.') from err
+  missing = [name for name in names if not hasattr(found, name)]
+  if missing:  # pragma: no cover - depends on the installed JAX
+    raise ImportError(f'meshstate needs {", ".join(f"{module}.{n}" for n in missing)}, which '
+                      f'jax {jax.__version__} does not have; install a JAX version that '
+                      f'meshstate supports.')
+  return found
+
+
+ArrayImpl = _private('jax._src.array', 'ArrayImpl').ArrayImpl   # skips tracer checks by type
+_distributed = _private('jax._src.distributed', 'global_state')   # the coordination service
+_traceback = _private('jax._src.traceback_util', 'api_boundary', 'register_exclusion')
+api_boundary = _traceback.api_boundary
+_core = _private('jax._src.core', 'ShapedArray', 'ManualAxisType', 'AxisEnv', 'get_axis_env')
+# The varying mesh axes of a value inside shard_map(check_vma=True): `aval.mat.varying`.
+if not (isinstance(getattr(_core.ShapedArray, 'mat', None), property)
+        and hasattr(_core.ManualAxisType, 'varying')
+        and callable(getattr(_core.AxisEnv, 'axis_names', None))):  # pragma: no cover
+  raise ImportError(f'meshstate needs jax._src.core.ShapedArray.mat.varying and '
+                    f'AxisEnv.axis_names, which jax {jax.__version__} does not have; install a '
+                    f'JAX version that meshstate supports.')
+
+# The tracers each raw JAX transform makes, for advice on which meshstate transform to use.
+_TRACERS = (
+    (_private('jax._src.interpreters.batching', 'BatchTracer').BatchTracer, 'BatchTracer'),
+    (_private('jax._src.interpreters.ad', 'JVPTracer').JVPTracer, 'JVPTracer'),
+    (_private('jax._src.interpreters.ad', 'LinearizeTracer').LinearizeTracer, 'LinearizeTracer'),
+    (_private('jax._src.interpreters.partial_eval', 'DynamicJaxprTracer').DynamicJaxprTracer,
+     'DynamicJaxprTracer'),
+)
 
 
 def hide_frames_of(path: str) -> None:
@@ -38,7 +74,7 @@ def hide_frames_of(path: str) -> None:
 
   `JAX_TRACEBACK_FILTERING=off` (JAX's switch) shows them again.
   """
-  register_exclusion(path)
+  _traceback.register_exclusion(path)
 
 
 def distributed_client() -> Any:
@@ -53,9 +89,34 @@ def distributed_client() -> Any:
 def vma(aval: Any) -> frozenset:
   """The mesh axes an abstract value varies over inside `shard_map(check_vma=True)`.
 
-  The attribute moved between JAX releases (`aval.vma`, then `aval.mat.varying`).
+  Avals that are no arrays (tokens, references) vary over none.
   """
-  found = getattr(aval, 'vma', None)
-  if found is None:
-    found = getattr(getattr(aval, 'mat', None), 'varying', frozenset())
-  return frozenset(found)
+  if isinstance(aval, _core.ShapedArray):
+    return frozenset(aval.mat.varying)
+  return frozenset()
+
+
+def bound_axis_names() -> tuple:
+  """Names of the mapped axes bound where this is traced (shard_map, named vmap, pmap)."""
+  return tuple(_core.get_axis_env().axis_names())
+
+
+def tracer_kind(x: Any) -> str:
+  """The class name of the tracer `x` for the raw JAX transform that made it, else ''."""
+  return next((name for cls, name in _TRACERS if isinstance(x, cls)), '')
+
+
+def scan_counts(params: dict) -> tuple[int, int]:
+  """`(consts, carries)`: how many of a `scan` equation's operands are each, from its params.
+
+  jax 0.10 names the counts (`num_consts`, `num_carry`); later releases pack the operands'
+  structure as `ft_in` (consts, carry, xs). Params of neither form raise, never guess.
+  """
+  if 'num_consts' in params and 'num_carry' in params:
+    return params['num_consts'], params['num_carry']
+  if 'ft_in' in params:
+    consts, carry, _ = params['ft_in'].unpack()
+    return len(consts), len(carry)
+  raise NotImplementedError(f'meshstate cannot read this JAX release\'s scan parameters '
+                            f'({sorted(params)}) (jax {jax.__version__}); install a JAX version '
+                            f'that meshstate supports.')

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.extend.core import get_opaque_trace_state
 
+from meshstate._compat import tracer_kind
+
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
            'StateTraceError', 'is_static_value', 'traced_write_error', 'in_frame_trace']
 
@@ -46,7 +48,7 @@ _ADVICE = {   # by the kind of tracer the value is: which transform put it there
 def traced_write_error(what: str, value: Any) -> StateTraceError:
   """The error for `what` (a write of `value` into states) under a raw JAX transform."""
   tracers = [x for x in jax.tree.leaves(value) if isinstance(x, jax.core.Tracer)]  # pyright: ignore[reportAttributeAccessIssue]
-  raw, ours = _ADVICE.get(type(tracers[0]).__name__ if tracers else '', _DEFAULT_ADVICE)
+  raw, ours = _ADVICE.get(tracer_kind(tracers[0]) if tracers else '', _DEFAULT_ADVICE)
   return StateTraceError(f'{what} under a raw JAX transform ({raw}), so a State would be left '
                          f'holding a tracer. Use the meshstate equivalent instead: {ours}.')
 

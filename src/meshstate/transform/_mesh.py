@@ -87,7 +87,7 @@ def _expand(slots: Sequence[Any], axes: Sequence[int | None]) -> tuple[Any, ...]
                for v, a in zip(slots, axes))
 
 
-def _fit(x: Any, spec: P, manual: frozenset, mesh: Mesh) -> Any:
+def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
   """`x` resharded so its manual-axis layout is `spec`, its other axes as they were.
 
   shard_map does not reshard inputs on Explicit-axis meshes; this does it first.
@@ -129,15 +129,14 @@ class _ShardMapMapper(Mapper):
   def _shard_map(self, block, mesh, manual, in_specs, out_specs):
     """`(shard_map of block, fit)`: `fit` reshards inputs first on Explicit meshes, else None."""
     # Inside an enclosing meshstate shard_map, JAX wants the context's (partly manual) mesh.
-    nested = current_mesh() is mesh
-    mapped = jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh() if nested else mesh,
-                           in_specs=in_specs, out_specs=out_specs, axis_names=manual,
-                           check_vma=self.check_vma)
-    if nested or AxisType.Explicit not in tuple(mesh.axis_types):
+    on = jax.sharding.get_abstract_mesh() if current_mesh() is mesh else mesh
+    mapped = jax.shard_map(block, mesh=on, in_specs=in_specs, out_specs=out_specs,
+                           axis_names=manual, check_vma=self.check_vma)
+    if AxisType.Explicit not in tuple(mesh.axis_types):
       return mapped, None
 
     def fit(*slots):
-      return tuple(jax.tree.map(lambda x, s=s: _fit(x, s, manual, mesh), v)
+      return tuple(jax.tree.map(lambda x, s=s: _fit(x, s, manual, on), v)
                    for v, s in zip(slots, in_specs))
     return mapped, fit
 

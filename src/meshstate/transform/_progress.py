@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from meshstate._compat import bound_axis_names
+
 __all__ = ['ProgressBar', 'progress_runner']
 
 
@@ -73,15 +75,6 @@ def _as_bar(pbar: Any) -> ProgressBar | None:
                   f'{type(pbar).__name__}.')
 
 
-def _bound_axes() -> tuple:
-  """Names of the mapped axes bound where the loop is traced (shard_map, named vmap)."""
-  try:
-    from jax._src import core   # no public query of the axis environment
-    return tuple(core.get_axis_env().axis_names())
-  except (ImportError, AttributeError):  # pragma: no cover - jax internals moved
-    return ()
-
-
 class _Runner:
   """One traced loop's progress: `tick(i)` in the body, drawing on the host."""
 
@@ -96,7 +89,7 @@ class _Runner:
     """Report after step `i` (0-based, traced) when it ends a block of `every` steps."""
     done = i + 1
     first = jnp.asarray(True)
-    for name in _bound_axes():
+    for name in bound_axis_names():   # no public query of the axis environment
       first = first & (lax.axis_index(name) == 0)
     due = (done % self.every == 0) | (done == self.n)
     lax.cond(due, lambda d, f: jax.debug.callback(self._show, d, f),

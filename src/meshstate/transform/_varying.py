@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from meshstate._compat import scan_counts
+
 __all__ = ['varying_axes']
 
 # Collectives whose result is the same across the axes they reduce over (without groups).
@@ -78,7 +80,7 @@ def _equation(eqn, ins: list[Axes], tracked: Axes) -> list[Axes]:
 
 
 def _scan(params: dict, ins: list[Axes], tracked: Axes) -> list[Axes]:
-  n_consts, n_carry = params['num_consts'], params['num_carry']
+  n_consts, n_carry = scan_counts(params)
   consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
   while True:   # carries only ever gain axes, so this ends after at most len(tracked) rounds
     outs = varying_axes(params['jaxpr'], [*consts, *carry, *xs], tracked)
