@@ -60,6 +60,18 @@ def meshstate_case(n_states, x):
                 lambda k: _check(f(x), [s.value for s in (states[0], states[-1])], lanes, k + 1))
 
 
+def _hand_written_case(name: str, g, x, box: list, lanes: int) -> T.Case:
+  """A hand-written program `g(x, states) -> (out, states)`, its states carried in `box`."""
+  def call():
+    out, box[0] = g(x, box[0])
+    return out
+
+  def check(k):
+    out = call()
+    _check(out, [box[0][0], box[0][-1]], lanes, k + 1)
+  return T.Case(name, call, check)
+
+
 def shard_map_vmap_case(n_states, x, mesh):
   lanes = x.shape[0]
   sharding = NamedSharding(mesh, P('d'))
@@ -73,14 +85,7 @@ def shard_map_vmap_case(n_states, x, mesh):
                             out_specs=((P('d'), P('d')), P('d')), check_vma=False),
               donate_argnums=1)
 
-  def call():
-    out, box[0] = g(x, box[0])
-    return out
-
-  def check(k):
-    out = call()
-    _check(out, [box[0][0], box[0][-1]], lanes, k + 1)
-  return T.Case('jit(shard_map(vmap))', call, check)
+  return _hand_written_case('jit(shard_map(vmap))', g, x, box, lanes)
 
 
 def jit_vmap_case(n_states, x, mesh):
@@ -94,14 +99,7 @@ def jit_vmap_case(n_states, x, mesh):
   g = jax.jit(jax.vmap(lane, axis_name='l', spmd_axis_name='d'), in_shardings=sharding,
               out_shardings=sharding, donate_argnums=1)
 
-  def call():
-    out, box[0] = g(x, box[0])
-    return out
-
-  def check(k):
-    out = call()
-    _check(out, [box[0][0], box[0][-1]], lanes, k + 1)
-  return T.Case('jit(vmap(spmd_axis_name))', call, check)
+  return _hand_written_case('jit(vmap(spmd_axis_name))', g, x, box, lanes)
 
 
 def measure(args, failures: T.Failures) -> list[dict]:
