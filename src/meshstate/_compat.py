@@ -14,8 +14,8 @@ from typing import Any
 
 import jax
 
-__all__ = ['MIN_JAX', 'ArrayImpl', 'vma', 'bound_axis_names', 'tracer_kind', 'scan_counts',
-           'distributed_client', 'api_boundary', 'hide_frames_of']
+__all__ = ['MIN_JAX', 'ArrayImpl', 'ShapedArray', 'vma', 'bound_axis_names', 'tracer_kind',
+           'scan_counts', 'distributed_client', 'api_boundary', 'hide_frames_of']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -58,6 +58,7 @@ if not (isinstance(getattr(_core.ShapedArray, 'mat', None), property)
   raise ImportError(f'meshstate needs jax._src.core.ShapedArray.mat.varying and '
                     f'AxisEnv.axis_names, which jax {jax.__version__} does not have; install a '
                     f'JAX version that meshstate supports.')
+ShapedArray = _core.ShapedArray   # the abstract value of an array, for a primitive's result
 
 # The tracers each raw JAX transform makes, for advice on which meshstate transform to use.
 _TRACERS = (

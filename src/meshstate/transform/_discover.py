@@ -97,6 +97,8 @@ class Discovery:
   out_vma: list[frozenset]
   out_tree: Any
   out_avals: list[Any]
+  result_tree: Any = None        # of the traced result: (output leaves, written values)
+  jaxpr: Any = None              # the traced ClosedJaxpr, when it was traced to one
 
   @property
   def write_ndim(self) -> dict[State, int]:
@@ -133,13 +135,13 @@ def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],
       return result
 
   traced = run(probe)
+  found['jaxpr'] = traced.jaxpr if traced is not None else None
   if traced is not None:
     axes = varying_axes(traced.jaxpr, traced.in_axes, traced.tracked)
     out_vma, write_vma = found['result_tree'].unflatten(axes)
     found['out_vma'] = out_vma
     found['write_vma'] = {s: frozenset().union(*jax.tree.leaves(v, is_leaf=_is_axes))
                           for s, v in zip(found['writes'], write_vma)}
-  del found['result_tree']
   return Discovery(**found)
 
 

@@ -32,6 +32,7 @@ from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
+from meshstate.transform._lift import Reader, explicitly_typed
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
@@ -109,6 +110,12 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
+class _Calls(threading.local):
+  nested = 0   # nested calls traced by this thread (one in a discovery keeps its second trace)
+
+
+_calls = _Calls()
+_same_shape = lambda shape: shape  # noqa: E731
 _STALE = object()  # never the current value: a reference to it forces a signature check
 _stale = lambda: _STALE  # noqa: E731
 _call_lock = threading.RLock()   # held by a call from reading its states to writing them back
@@ -469,6 +476,7 @@ class StatefulMapping:
 
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
+    _calls.nested += 1
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
     if (entry.out_states or entry.static_writes) and not in_frame_trace():
       raise traced_write_error(f'{self.name} writes states and was called inside a meshstate '
@@ -633,12 +641,25 @@ class StatefulMapping:
   def _lane_names(self, layout: Layout) -> Any:
     return layout.name
 
-  def _view(self, state: State, base: Any, layout: Layout, paths: dict, fed: dict) -> Any:
-    """The body's view of `state` on first read during discovery."""
+  def _viewer(self, layout: Layout, paths: dict, fed: dict,
+              reader: Reader | None) -> Callable[[State, Any], Any] | None:
+    """The `view` of a discovery: lane views when mapped, else reader slots (or the values)."""
+    if self._mapper.mapped:
+      return lambda state, base: self._view(state, base, layout, paths, fed, reader)
+    if reader is not None:
+      return lambda state, base: reader.read(state, base, _same_shape, frozenset())
+    return None
+
+  def _view(self, state: State, base: Any, layout: Layout, paths: dict, fed: dict,
+            reader: Reader | None) -> Any:
+    """The body's view of `state` on first read during discovery (a slot of `reader`'s)."""
     if isinstance(state, RandomState):
-      return lane_key(base, self._lane_names(layout))[1]
+      key = base if reader is None else reader.read(state, base, _same_shape, frozenset())
+      return lane_key(key, self._lane_names(layout))[1]
     axis = self._layout_state_in(state, paths, fed)
     if axis is None:
+      if reader is not None:
+        return reader.read(state, base, _same_shape, frozenset())
       return placeholder(base)
     what = f'state_in_axes for {self._describe(state, paths)}'
     for leaf in jax.tree.leaves(base):
@@ -648,6 +669,9 @@ class StatefulMapping:
         where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
         raise ValueError(f'{what}: maps axis {axis} of size {shape[axis]}, but the mapped size '
                          f'is {layout.size} (from {where}).')
+    if reader is not None:
+      return reader.read(state, base, lambda shape: shape[:axis] + shape[axis + 1:],
+                         frozenset({layout.name}))
     return vary(lane_slice(placeholder(base), axis), layout.name)
 
   def _layout_outputs(self, disc, layout: Layout) -> list:
@@ -740,11 +764,12 @@ class StatefulMapping:
     if mapper.mapped and layout.size is None and self._sized:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
-    view = None  # pyright: ignore[reportAssignmentType]
-    if mapper.mapped:
-      def view(state, base):
-        return self._view(state, base, layout, paths, fed)
+    # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
+    lifts = not _local.stack and mapper.lifts(layout) and not any(map(explicitly_typed, leaves))
     while True:
+      reader = Reader() if lifts else None
+      nested = _calls.nested
+      view = self._viewer(layout, paths, fed, reader)
       try:
         disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view)
       except NeedAxis as need:   # a nested pmap2 asked this one's mesh for its axis
@@ -778,7 +803,11 @@ class StatefulMapping:
     vals = self._placed(in_states, layout) if not _local.stack else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
-    program = self._program(body, random_in, layout, disc.out_avals)
+    program = None
+    if reader is not None and _calls.nested == nested:   # a nested call runs as its own program
+      program = reader.program(disc, len(leaves), out_states, random_in, self._lane_names(layout))
+    if program is None:
+      program = self._program(body, random_in, layout, disc.out_avals)
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
     entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals,
                    local_io=layout.local_io)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from meshstate.transform._discover import Traced, lane_aval, trace_lanes
+from meshstate.transform._lift import explicitly_typed
 from meshstate.transform._plan import Plan
 
 __all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'trace_mapped']
@@ -70,6 +71,10 @@ class Mapper:
     """Trace `probe` abstractly; return its jaxpr to analyse (None: typed by `shard_map`)."""
     return trace_mapped(probe, slots, layout)
 
+  def lifts(self, layout: Any) -> bool:
+    """Whether the discovery jaxpr can be the program (`_lift.py`): traced on untyped lanes."""
+    return True
+
   def plan(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Plan:
     raise NotImplementedError
 
@@ -108,8 +113,11 @@ class JitMapper(Mapper):
   keeps_layout = True
 
   def trace(self, probe, slots, layout):
-    jax.eval_shape(probe, *slots)
-    return None
+    if any(map(explicitly_typed, slots)):   # the shardings are part of the types: keep them
+      jax.eval_shape(probe, *slots)
+      return None
+    return trace_lanes(probe, [lane_aval(x, jax.typeof(x).shape) for x in slots],
+                       [frozenset()] * len(slots), [])
 
   def plan(self, body, layout, donate):
     fn = jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),

@@ -140,6 +140,14 @@ class _ShardMapMapper(Mapper):
                    for v, s in zip(slots, in_specs))
     return mapped, fit
 
+  def lifts(self, layout) -> bool:
+    # Inside shard_map values carry the types of an Explicit mesh or check_vma's varying axes,
+    # and collectives on a partly manual mesh lower against its other axes; a trace on lane
+    # shapes sees none of that, so such programs are traced in place.
+    mesh, manual, *_ = self.mesh_and_specs(layout)
+    return (not self.check_vma and manual == frozenset(mesh.axis_names)
+            and AxisType.Explicit not in tuple(mesh.axis_types))
+
   def trace_blocks(self, probe, slots, layout):
     """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies."""
     mesh, manual, in_specs, _ = self.mesh_and_specs(layout)

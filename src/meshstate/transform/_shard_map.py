@@ -13,7 +13,7 @@ from meshstate._state import State
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._engine import Layout, StatefulMapping
-from meshstate.transform._mesh import SpecMapper, spec_axes
+from meshstate.transform._mesh import SpecMapper, block_shape, spec_axes
 from meshstate.transform._discover import lane_key, placeholder, vary
 from meshstate.util.filter import Everything, to_predicate
 
@@ -125,30 +125,28 @@ class StatefulShardMap(StatefulMapping):
   def _layout_state_in(self, state: State, paths: dict, fed: dict) -> P:
     return self._first(self.state_in_specs, state, paths) or P()
 
-  def _view(self, state, base, layout, paths, fed):
+  def _view(self, state, base, layout, paths, fed, reader):
     if isinstance(state, RandomState):
-      return lane_key(base, layout.name)[1]
+      key = base if reader is None else reader.read(state, base, lambda s: s, frozenset())
+      return lane_key(key, layout.name)[1]
     spec = self._layout_state_in(state, paths, fed)
-    return jax.tree.map(functools.partial(self._block, spec=spec, state=state, paths=paths),
-                        placeholder(base))
+    block = functools.partial(self._block_shape, spec=spec, state=state, paths=paths)
+    if reader is not None:
+      return reader.read(state, base, block, frozenset(spec_axes(spec)))
+    return jax.tree.map(lambda x: _first_block(x, block, spec_axes(spec)), placeholder(base))
 
-  def _block(self, x: Any, spec: P, state: State, paths: dict) -> Any:
-    """Device 0's block of a global value laid out by `spec`, typed as varying like it."""
-    shape = jax.numpy.shape(x)
+  def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
+    """The shape of one device's block of a global `shape` laid out by `spec`."""
     if len(spec) > len(shape):
       raise ValueError(f'state_in_specs for {self._describe(state, paths)}: spec {spec} has '
                        f'{len(spec)} entries for a value of rank {len(shape)}.')
     for dim, entry in enumerate(spec):
-      if entry is None:
-        continue
       k = math.prod(self.mesh.shape[a] for a in _axes.entry_axes(entry))
       if shape[dim] % k:
         raise ValueError(f'state_in_specs for {self._describe(state, paths)}: dimension {dim} '
                          f'has size {shape[dim]}, not divisible by the {k} devices of mesh '
                          f'axes {entry!r}.')
-      x = lax.slice_in_dim(x, 0, shape[dim] // k, axis=dim)
-    axes = spec_axes(spec)
-    return vary(x, axes) if axes else x
+    return block_shape(shape, spec, self.mesh)
 
   def _layout_outputs(self, disc, layout):
     out_avals = disc.out_tree.unflatten(disc.out_avals)
@@ -170,6 +168,12 @@ class StatefulShardMap(StatefulMapping):
                        f'across mesh axes {sorted(missing)}, but its out spec is {spec}; give it '
                        f'a spec naming them in state_out_specs, or reduce over them.')
     return spec
+
+
+def _first_block(x: Any, block: Callable[[tuple], tuple], axes: tuple) -> Any:
+  """Device 0's block of a global value, typed as varying over `axes` like it."""
+  x = lax.slice(x, (0,) * jax.numpy.ndim(x), block(jax.numpy.shape(x)))
+  return vary(x, axes) if axes else x
 
 
 Decorator = Callable[[Callable[..., Any]], StatefulShardMap]

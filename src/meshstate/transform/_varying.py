@@ -52,6 +52,8 @@ def _named(params: dict, tracked: Axes) -> Axes:
 def _equation(eqn, ins: list[Axes], tracked: Axes) -> list[Axes]:
   name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
   union = _union(ins)
+  if name == 'meshstate_read':   # a state's slot (`_lift.py`): varies as its layout says
+    return [Axes(params['axes']) & tracked] * n_out
   if name == 'axis_index':
     return [union | _named(params, tracked)] * n_out
   named = _named(params, tracked) if name not in ('scan', 'while', 'cond') else Axes()

@@ -1,0 +1,90 @@
+"""One trace per signature: the discovery jaxpr, its state reads lifted to inputs, is the program.
+
+During discovery the first read of a state binds `read_p`, a primitive without operands whose
+result stands for the state's slot (one equation per leaf of its value). When every such equation
+lands in the top-level jaxpr, they become the jaxpr's extra inputs, and the program evaluates that
+jaxpr on the real slots: the user's Python body runs once per call signature. A read that happens
+inside a `scan`/`cond`/`jit` body, a nested meshstate call, or a value typed with an Explicit-axis
+mesh (whose sharding type a lane trace does not carry) leaves the reader unusable, and the engine
+traces the body a second time to build the program, as before.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend.core import ClosedJaxpr, Primitive, jaxpr_as_fun
+
+from meshstate._compat import ShapedArray
+from meshstate.transform._discover import Discovery, lane_key
+
+__all__ = ['read_p', 'Reader', 'explicitly_typed']
+
+read_p = Primitive('meshstate_read')
+# `axes`: the mapped axes the slot varies over (read by `_varying.py`); `slot`: (state, leaf).
+read_p.def_abstract_eval(lambda *, aval, slot, axes: aval)
+
+
+def _no_eager(*_, **params):
+  raise RuntimeError(f'meshstate_read{params.get("slot")} ran outside a trace: it only marks a '
+                     f'state read during discovery.')
+
+
+read_p.def_impl(_no_eager)
+
+
+def explicitly_typed(x: Any) -> bool:
+  """Whether `x`'s type carries a sharding on a mesh with Explicit axes."""
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  return bool(getattr(mesh, 'axis_names', ())) and (
+      jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))  # pyright: ignore
+
+
+class Reader:
+  """Hands out the discovery view of each state read, and builds the program from the trace."""
+
+  def __init__(self):
+    self.states: list = []          # states read, in first-read order
+    self.leaves: list[int] = []     # leaves of each one's value
+    self.usable = True
+
+  def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple], axes: frozenset) -> Any:
+    """The view of `state` (value `base`): leaves of the lane shape `shape(leaf shape)`."""
+    leaves, tree = jax.tree.flatten(base)
+    if any(map(explicitly_typed, leaves)):
+      self.usable = False
+    k = len(self.states)
+    self.states.append(state)
+    self.leaves.append(len(leaves))
+    avals = [ShapedArray(shape(a.shape), a.dtype, weak_type=a.weak_type)
+             for a in map(jax.typeof, leaves)]
+    return tree.unflatten([read_p.bind(aval=a, slot=(k, i), axes=axes)
+                           for i, a in enumerate(avals)])
+
+  def program(self, disc: Discovery, n_args: int, out_states: Sequence[Any],
+              random_in: Sequence[Any], names: Any) -> Callable | None:
+    """The program over lane slots (arguments, then states read), or None if it cannot be lifted.
+
+    Random states read advance their global key once per call, as in the body's view.
+    """
+    closed = disc.jaxpr
+    if not self.usable or closed is None or self.states != disc.reads:
+      return None
+    jaxpr = closed.jaxpr
+    reads = {e.params['slot']: e for e in jaxpr.eqns if e.primitive is read_p}
+    if len(reads) != sum(self.leaves) or len(jaxpr.invars) != n_args:
+      return None   # a read inside a sub-jaxpr (scan, cond, jit ...) or a repeated one
+    slots = [reads[(k, i)].outvars[0] for k, n in enumerate(self.leaves) for i in range(n)]
+    lifted = jaxpr.replace(invars=[*jaxpr.invars, *slots],
+                           eqns=[e for e in jaxpr.eqns if e.primitive is not read_p])
+    run = jaxpr_as_fun(ClosedJaxpr(lifted, closed.consts))
+    result_tree, writes = disc.result_tree, disc.writes
+    randoms = [self.states.index(s) for s in random_in]
+
+    def program(*slots):
+      outs = run(*slots[:n_args], *jax.tree.leaves(slots[n_args:]))
+      out_leaves, written = result_tree.unflatten(outs)
+      new = dict(zip(writes, written))
+      new.update((self.states[k], lane_key(slots[n_args + k], names)[0]) for k in randoms)
+      return (*out_leaves, *(new[s] for s in out_states))
+    return program

@@ -1,0 +1,166 @@
+"""One Python trace of the body per call signature: the discovery trace is the program.
+
+Each body below runs through its transform twice: as meshstate builds it (one trace, its state
+reads lifted to program inputs) and with lifting switched off (the body traced a second time to
+build the program). Outputs, states and random draws must agree, and the counts of traces say
+which path ran.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+import meshstate
+from meshstate import ParamState, ShortTermState, State
+from meshstate.random import RandomState
+from meshstate.transform import _engine, jit, pmap2, shard_map, vmap2
+
+from helpers import N, close
+
+
+class _NoLift(_engine.Reader):
+  def program(self, *args, **kwargs):
+    return None
+
+
+def _states():
+  return dict(w=ParamState(jnp.arange(N * 3.0).reshape(N, 3)),
+              tree=ShortTermState({'a': jnp.ones(3), 'b': (jnp.zeros(()), jnp.ones(2))}),
+              total=State(jnp.zeros(())), rng=RandomState(7))
+
+
+def _bodies(s, traces):
+  def plain(x):
+    traces.append(1)
+    s['w'].value = s['w'].value * 2 + x
+    s['total'].value = s['total'].value + lax.psum(x.sum(), 'i')
+    return x + s['tree'].value['a']
+
+  def trees_and_random(x):
+    traces.append(1)
+    t = s['tree'].value
+    s['tree'].value = {'a': t['a'] + lax.pmean(x, 'i'), 'b': (t['b'][0] + 1, t['b'][1] * 2)}
+    return x + s["rng"].normal(size=x.shape)
+
+  def grad_scan_cond(x):
+    traces.append(1)
+    w = s['w'].value
+    loss = lambda w: jnp.sum((w * x - s['tree'].value['a']) ** 2)  # noqa: E731
+    g = lax.pmean(jax.grad(loss)(w), 'i')
+    carry, ys = lax.scan(lambda c, xi: (c + xi * w, c), jnp.zeros(3), x[None].repeat(2, 0))
+    s['w'].value = w - 0.1 * g + lax.cond(carry.sum() > 0, lambda: 1.0, lambda: 0.0)
+    s['total'].value = lax.psum(ys.sum(), 'i') + s['rng'].uniform()
+    return jax.vmap(lambda a: a * s['total'].value)(x)
+
+  return {'plain': plain, 'trees_and_random': trees_and_random,
+          'grad_scan_cond': grad_scan_cond}
+
+
+def _run(which, kind, monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  s, traces = _states(), []
+  body = _bodies(s, traces)[which]
+  kw = {} if which == 'trees_and_random' else dict(state_in_axes={0: s['w']},
+                                                   state_out_axes={0: s['w']})
+  f = (pmap2 if kind == 'pmap2' else vmap2)(body, axis_name='i', **kw)
+  x = jnp.arange(N * 3.0).reshape(N, 3) / 10
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, jax.tree.map(np.asarray, {k: v.value for k, v in s.items()}), len(traces)
+
+
+@pytest.mark.parametrize('kind', ['pmap2', 'vmap2'])
+@pytest.mark.parametrize('which', ['plain', 'trees_and_random', 'grad_scan_cond'])
+def test_one_trace_equals_two_traces(which, kind, monkeypatch):
+  outs, states, traces = _run(which, kind, monkeypatch, lift=True)
+  outs2, states2, traces2 = _run(which, kind, monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  advanced = not np.array_equal(states['rng'], RandomState(7).value)
+  assert advanced == (which != 'plain')   # a random state read advances once per call
+
+
+def test_random_draws_differ_per_lane_and_advance_per_call():
+  rng, traces = RandomState(3), []
+
+  def draw(x):
+    traces.append(1)
+    return x + rng.uniform()
+
+  f = pmap2(draw, axis_name='i')
+  first, second = f(jnp.zeros(N)), f(jnp.zeros(N))
+  assert len(set(np.asarray(first).tolist())) == N
+  assert not np.array_equal(first, second) and len(traces) == 1
+
+
+def test_a_changed_state_shape_and_a_new_argument_shape_trace_once_each():
+  w, traces = State(jnp.ones(3)), []
+
+  def step(x):
+    traces.append(1)
+    w.value = w.value + lax.psum(x, 'i').sum()
+    return x
+
+  f = pmap2(step, axis_name='i')
+  f(jnp.ones(N))
+  f(jnp.ones(N))
+  assert len(traces) == 1
+  w.value = jnp.ones(5)
+  f(jnp.ones(N))
+  assert len(traces) == 2 and w.value.shape == (5,)
+  close(w.value, jnp.full(5, 1.0 + N))
+  f(jnp.ones((N, 2)))
+  assert len(traces) == 3
+  close(w.value, jnp.full(5, 1.0 + 3 * N))
+
+
+def test_jit_and_unchecked_shard_map_trace_once():
+  count, traces = State(jnp.zeros(())), []
+  mesh = Mesh(np.array(jax.devices()), ('i',))
+
+  def step(x):
+    traces.append(1)
+    count.value = count.value + x.sum()
+    return x * 2
+
+  close(jit(step)(jnp.ones(4)), jnp.full(4, 2.0))
+  g = shard_map(lambda x: step(lax.psum(x, 'i')), mesh, P('i'), P(), check_vma=False)
+  close(g(jnp.ones(N)), jnp.full(1, 2.0 * N))
+  assert len(traces) == 2
+  close(count.value, 4.0 + N)
+
+
+def test_reads_inside_a_nested_jit_keep_the_second_trace_and_stay_correct():
+  s, traces = State(jnp.ones(3)), []
+
+  def step(x):
+    traces.append(1)
+    s.value = jax.jit(lambda v: s.value + v)(lax.psum(x, 'i'))
+    return x
+
+  f = pmap2(step, axis_name='i')
+  f(jnp.ones((N, 3)))
+  f(jnp.ones((N, 3)))
+  assert len(traces) == 2
+  close(s.value, jnp.full(3, 1.0 + 2 * N))
+
+
+def test_explicit_mesh_state_keeps_the_second_trace(monkeypatch):
+  mesh = jax.make_mesh((N,), ('i',), axis_types=(jax.sharding.AxisType.Explicit,))
+  w = ParamState(jax.device_put(jnp.ones((N, 2)), jax.sharding.NamedSharding(mesh, P('i'))))
+  traces = []
+
+  def step(x):
+    traces.append(1)
+    w.value = w.value + x
+    return x
+
+  f = pmap2(step, axis_name='i', mesh=mesh, state_in_axes={0: w}, state_out_axes={0: w})
+  f(jnp.ones((N, 2)))
+  assert len(traces) == 2
+  close(w.value, jnp.full((N, 2), 2.0))
+  assert meshstate.sharding.describe([w]) is not None
