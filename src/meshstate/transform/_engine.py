@@ -854,7 +854,9 @@ class StatefulMapping:
     shardings = self._mapper.slot_shardings(layout)
     if not shardings:
       return vals
-    for i, (state, sharding) in enumerate(zip(states, shardings[layout.n_leaves:])):
+    shardings = shardings[layout.n_leaves:]
+    placed, moves = [], []   # indices of values placed; of those one device_put moves
+    for i, sharding in enumerate(shardings):
       value = vals[i]
       arrays = jax.tree.leaves(value)
       if not all(isinstance(x, jax.Array) for x in arrays):
@@ -864,15 +866,18 @@ class StatefulMapping:
           for x in arrays):
         continue   # already on this mesh: its layout over the other axes is kept
       if not sharding.is_fully_addressable and not any(map(is_global, arrays)):
-        placed = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
-                                    layout.size)
+        vals[i] = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
+                                     layout.size)
+        placed.append(i)
       elif any(not x.sharding.is_equivalent_to(sharding, x.ndim) for x in arrays):
-        placed = jax.device_put(value, sharding)
-      else:
-        continue
-      if not _traced((placed,)):   # under a raw jax.jit: pass it on, never store a tracer
-        state._value = placed
-      vals[i] = placed
+        moves.append(i)
+    if moves:   # one batched transfer: much cheaper than one device_put per state
+      moved = jax.device_put([vals[i] for i in moves], [shardings[i] for i in moves])
+      for i, value in zip(moves, moved):
+        vals[i] = value
+    for i in placed + moves:
+      if not _traced((vals[i],)):   # under a raw jax.jit: pass it on, never store a tracer
+        states[i]._value = vals[i]
     return vals
 
   @staticmethod
