@@ -4,7 +4,9 @@ Enabled for a whole test run with `MESHSTATE_VMAP_ORACLE=1` (see conftest.py). E
 `pmap2`/`vmap2` discovery traces on one axis is traced a second time under `jax.vmap`, and each
 output the jaxpr analysis calls "the same on every lane" must be unbatched there (and the other
 way round). Probes that `jax.vmap` cannot trace (grouped collectives, partial permutations) are
-counted and skipped. This reads a `jax._src` type, which is why it lives in the tests only.
+counted and skipped. The probes run with placeholders for states (the two-trace path): vmap
+cannot batch the lifted reads of the one-trace path, which have no operand. This reads a
+`jax._src` type, which is why it lives in the tests only.
 """
 import jax
 
@@ -47,5 +49,6 @@ def _checked_trace(probe, slots, layout):
 
 
 def install():
+  _mappers.Mapper.lifts = _mesh._ShardMapMapper.lifts = lambda self, layout: False
   _mappers.trace_mapped = _checked_trace
   _mesh.trace_mapped = _checked_trace
