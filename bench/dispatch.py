@@ -13,7 +13,11 @@ Prints median µs/call, the overhead over the baseline in µs and as a ratio (me
 each round's difference and ratio), and writes JSON. Every variant's states are checked after
 the run (each call adds 1 to every element).
 
+`--profile` instead prints meshstate's own Python time per cached call, with the program replaced
+by a stub (see README, "Where the microseconds go").
+
   python bench/dispatch.py [--states 1,16,256,4096] [--rounds 15] [--calls 20] [--quick]
+  python bench/dispatch.py --profile [--states 1,256]
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def _ends(xs):
   return [xs[0], xs[-1]]
 
 
-def meshstate_case(n_states, x, donate):
+def meshstate_step(n_states, x, donate):
   n = x.shape[0]
   states = [meshstate.ParamState(jnp.zeros((n, 4))) for _ in range(n_states)]
 
@@ -56,8 +60,12 @@ def meshstate_case(n_states, x, donate):
       s.value = s.value + x
     return x
 
-  f = pmap2(step, axis_name='i', state_in_axes=meshstate.ParamState,
-            state_out_axes=meshstate.ParamState, donate_states=donate)
+  return pmap2(step, axis_name='i', state_in_axes=meshstate.ParamState,
+               state_out_axes=meshstate.ParamState, donate_states=donate), states
+
+
+def meshstate_case(n_states, x, donate):
+  f, states = meshstate_step(n_states, x, donate)
   return T.Case('meshstate.pmap2', lambda: f(x),
                 lambda k: _expect([s.value for s in _ends(states)], k))
 
@@ -110,6 +118,49 @@ def brainstate_case(n_states, x):
                 lambda k: _expect([s.value for s in _ends(states)], k), calls_per_round=1)
 
 
+def profile(args) -> list[dict]:
+  """µs of Python per cached pmap2 call: its program replaced by a stub, so no device work.
+
+  The stub returns one of 4 precomputed output tuples in turn, so that every call writes new
+  objects into the states, as the real program does. Reported: the call minus the stub alone,
+  each the minimum over rounds (the least disturbed by other jobs on the machine).
+  """
+  n = jax.device_count()
+  mesh = Mesh(np.array(jax.devices()), ('i',))
+  x = jax.device_put(jnp.ones((n, 4)), NamedSharding(mesh, P('i')))
+  rows = []
+  for n_states in args.states:
+    for donate in args.donate:
+      call_us, stub_us = _stubbed(n_states, x, donate, args.rounds,
+                                  max(20, args.calls * 200 // n_states))
+      rows.append({'states': n_states, 'donated': 'yes' if donate else 'no',
+                   'python_us': call_us - stub_us, 'stub_us': stub_us})
+  return rows
+
+
+def _stubbed(n_states, x, donate, rounds, calls) -> tuple[float, float]:
+  """(µs per call of the stubbed pmap2 step, µs per call of the stub alone), minima."""
+  import time
+  f, states = meshstate_step(n_states, x, donate)
+  T.block(f(x))
+  entry = next(iter(f._lru))   # the one cache entry (private: this profile only)
+  outs = [T.block(entry.fn(x, *[jnp.copy(s.value) for s in states])) for _ in range(4)]
+  turn = iter(range(1 << 62))
+  entry.fn = lambda *slots: outs[next(turn) & 3]
+  f(x)
+  vals = [s.value for s in states]
+
+  def per_call(call):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      call()
+    return (time.perf_counter() - t0) / calls * 1e6
+  call_us = min(per_call(lambda: f(x)) for _ in range(rounds))
+  stub_us = min(per_call(lambda: entry.fn(x, *vals)) for _ in range(rounds))
+  assert f.cache_info().misses == 1, f.cache_info()   # every stubbed call took the hit path
+  return call_us, stub_us
+
+
 def measure(args, failures: T.Failures) -> list[dict]:
   n = jax.device_count()
   mesh = Mesh(np.array(jax.devices()), ('i',))
@@ -147,11 +198,18 @@ def main(argv=None) -> int:
   p.add_argument('--target-ms', type=float, default=20.0,
                  help='fewer calls per round when a round of one variant would take longer')
   p.add_argument('--pmap-max-states', type=int, default=256)
+  p.add_argument('--profile', action='store_true',
+                 help="only meshstate's Python time per call, the program stubbed out")
   args = p.parse_args(argv)
   if args.quick:
     args.states, args.donate, args.rounds, args.calls = '1', 'yes,no', 3, 5
   args.states = [int(s) for s in args.states.split(',')]
   args.donate = [d.strip() == 'yes' for d in args.donate.split(',')]
+  if args.profile:
+    T.print_table(profile(args), [('states', 'states', 'd'), ('donated', 'donated', ''),
+                                  ('python_us', 'Python µs/call', '.2f'),
+                                  ('stub_us', 'stub µs', '.2f')])
+    return 0
   failures = T.Failures(args.fail)
   rows = measure(args, failures)
   T.print_table(rows, COLUMNS)

@@ -80,8 +80,8 @@ class Layout:
 class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
-               'stable', 'rewrites_all', 'single_out', 'static_reads', 'static_writes',
-               'local_io', 'weak', 'key')
+               'stable', 'rewrites_all', 'keeps_reads', 'single_out', 'static_reads',
+               'static_writes', 'local_io', 'weak', 'key')
 
   def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
@@ -90,6 +90,8 @@ class _Entry:
     self.n_out, self.out_tree = plan.n_out, plan.out_tree
     self.static_reads, self.static_writes = plan.static_reads, plan.static_writes
     self.rewrites_all = self.in_states == self.out_states   # then new values = inputs next
+    written = set(self.out_states).union(s for s, _ in self.static_writes)
+    self.keeps_reads = written.isdisjoint(self.in_states)   # a call leaves its reads as they were
     self.single_out = plan.out_tree.num_nodes == 1 and plan.out_tree.num_leaves == 1
     self.sig, self.last = sig, _refs(last)   # `last`: references that keep nothing alive
     self.weak = False   # whether every value it tracks can be weakly referenced
@@ -135,6 +137,8 @@ def _refs(values: Sequence[Any]) -> list:
 
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
+_aval = operator.attrgetter('aval')
+_call = getattr(operator, 'call', None) or operator.methodcaller('__call__')   # 3.11+ / 3.10
 
 
 def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
@@ -362,44 +366,43 @@ class StatefulMapping:
     if _local.stack:
       return self._call_nested(*self._signature(args, kwargs))
     with _call_lock:   # read → run → write-back: atomic with respect to other meshstate calls
-      entry = None
-      # Fast path: positional array arguments (one leaf each), states as the last call left them.
+      # Fast path: positional array arguments (one leaf each), states as the last call left
+      # them (each still holds the very value the entry last saw).
+      entries = hit = None
       if not kwargs and not self._has_static:
         try:
-          entries = self._flat.get(tuple([a.aval for a in args]))
+          entries = self._flat.get(tuple(map(_aval, args)))
         except AttributeError:
-          entries = None
-        if entries:
-          entry, leaves = entries[-1], args
-          vals = list(map(_get_value, entry.in_states))
-          if not all(map(operator.is_, vals, [r() for r in entry.last])) or (
-              entry.static_reads and not entry.statics_hold()):
-            entry = None
-      if entry is None:
+          pass
+      if entries:
+        entry, leaves = entries[-1], args
+        vals = list(map(_get_value, entry.in_states))
+        hit = all(map(operator.is_, vals, map(_call, entry.last))) and (
+            not entry.static_reads or entry.statics_hold())
+      if not hit:
         entry, leaves, vals = self._prepare(args, kwargs)
       self._lru.move_to_end(entry)
       self._ncalls += 1
       # Run the program, write the states back (the slots themselves), return the outputs.
       outs = entry.fn(*leaves, *vals)
       n = entry.n_out
-      last = vals
       if entry.out_states:
         new = outs[n:]
         if type(new[0]) is not _ArrayImpl and _traced(new):
           raise traced_write_error(f'{self.name} was called', new)
         _write(entry, new, vals)
-        last = new if entry.rewrites_all else list(map(_get_value, entry.in_states))
+      last = new if entry.rewrites_all and entry.out_states else None
       for state, value in entry.static_writes:
         state._value = value
-      if entry.stable and entry.weak:
+      if hit and entry.keeps_reads and entry.stable:
+        pass   # the states hold the values `entry.last` refers to
+      elif last is not None and entry.stable and entry.weak:
         try:
           entry.last = list(map(weakref.ref, last))
         except TypeError:   # a state now holds a value without weak references
           entry.last = _refs(last)
-      elif entry.stable:
-        entry.last = _refs(last)
       else:
-        self._settle(entry, last)
+        self._settle(entry, list(map(_get_value, entry.in_states)) if last is None else last)
     if entry.local_io:
       outs = to_local(list(outs[:n]))
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
@@ -449,10 +452,11 @@ class StatefulMapping:
     return entry, leaves, list(map(_get_value, entry.in_states))
 
   def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
-    """After an entry's first call: do its writes keep the state signature it was traced for?
+    """After a call: references to `last`, the values the entry's in-states hold now.
 
-    If so the next call can match it by identity alone; if not (a write changed a shape),
-    every call re-checks the signature.
+    After an entry's first call it decides whether its writes keep the state signature it was
+    traced for. If so the next call can match it by identity alone; if not (a write changed a
+    shape), every call re-checks the signature.
     """
     if entry.stable is None:
       entry.stable = tuple(map(self._sig, last)) == entry.sig
