@@ -14,7 +14,9 @@ Child side (`python multiprocess.py MODULE PREFIXES`): `initialize()` joins the 
   environment, then each check runs in every process; its return value (JSON-able: lists,
   numbers, strings) or its exception is reported, and the processes meet at a coordination
   barrier with a timeout after each check, so a check that leaves one process stuck in a
-  collective is reported as such instead of hanging the launch.
+  collective is reported as such instead of hanging the launch. After the last barrier the
+  other processes exit first, and process 0, which hosts the coordination service, exits once
+  the parent has seen them go (it closes process 0's stdin), so no client outlives the service.
 
 Environment of a child: `JAX_COORDINATOR_ADDRESS` (which `jax.distributed.initialize` reads
 itself), `NUM_PROCESSES`, `PROCESS_ID`, `JAX_NUM_CPU_DEVICES`, `JAX_PLATFORMS=cpu`, and
@@ -29,6 +31,7 @@ import inspect
 import json
 import os
 import pathlib
+import select
 import signal
 import socket
 import subprocess
@@ -98,6 +101,14 @@ def _kill(popen: subprocess.Popen) -> None:
     popen.wait()
 
 
+def _close_stdin(popen: subprocess.Popen) -> None:
+  if popen.stdin is not None and not popen.stdin.closed:
+    try:
+      popen.stdin.close()
+    except OSError:   # the child is gone already
+      pass
+
+
 def _results(stdout: str) -> dict:
   out = {}
   for line in stdout.splitlines():
@@ -117,8 +128,11 @@ def _launch_once(argv, processes, local_devices, timeout, env, cwd) -> list[Proc
         out = open(os.path.join(tmp, f'{i}.out'), 'w+')
         err = open(os.path.join(tmp, f'{i}.err'), 'w+')
         files.append((out, err))
+        # Process 0 hosts the coordination service: its stdin is a pipe that is closed once
+        # every other child has exited, the sign that it may stop the service (`_linger`).
         children.append(subprocess.Popen(
-            [sys.executable, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            [sys.executable, *argv], stdout=out, stderr=err,
+            stdin=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
             cwd=cwd or ROOT, env=child_env(i, processes, port, local_devices,
                                            {'MESHSTATE_LAUNCHED': repr(time.time()),
                                             **(env or {})})))
@@ -127,6 +141,8 @@ def _launch_once(argv, processes, local_devices, timeout, env, cwd) -> list[Proc
         for i, child in enumerate(children):
           if ended[i] is None and child.poll() is not None:
             ended[i] = time.monotonic() - start
+        if all(e is not None for e in ended[1:]):
+          _close_stdin(children[0])                # the others are gone: 0 may stop the service
         if any(c.returncode not in (None, 0) for c in children):
           break                                  # one failed: the others may wait forever
         if time.monotonic() - start > timeout:
@@ -135,6 +151,7 @@ def _launch_once(argv, processes, local_devices, timeout, env, cwd) -> list[Proc
     finally:
       for child in children:
         _kill(child)
+        _close_stdin(child)
     procs = []
     for i, (child, (out, err)) in enumerate(zip(children, files)):
       out.seek(0)
@@ -175,13 +192,14 @@ def failure(procs: Sequence[Proc]) -> str | None:
 
 def run_checks(module: str, prefixes: Sequence[str] = ('check_',), processes: int = 2,
                local_devices: int = 4, timeout: float = 60.0, barrier_s: float = 20.0,
-               self_init: bool = False) -> list[Proc]:
+               self_init: bool = False, env: dict | None = None) -> list[Proc]:
   """Run the functions of `module` (a module in tests/, or a .py path) in one launch.
 
   Those named `prefixes[0]*` run first (in definition order), then `prefixes[1]*`, and so on.
   `self_init`: the first function joins the runtime itself (`jax.distributed.initialize`).
+  `env`: more environment variables for the children.
   """
-  env = {'MESHSTATE_BARRIER_MS': str(int(barrier_s * 1000))}
+  env = {'MESHSTATE_BARRIER_MS': str(int(barrier_s * 1000)), **(env or {})}
   if self_init:
     env['MESHSTATE_SELF_INIT'] = '1'
   return launch([str(HERE / 'multiprocess.py'), module, ','.join(prefixes)], processes,
@@ -251,6 +269,22 @@ def _load(module: str):
   return loaded
 
 
+def _linger(timeout_s: float) -> None:
+  """Process 0: keep the coordination service up until every other process has exited.
+
+  The other processes' clients poll the service for errors, so a service that stops first
+  (process 0 exiting right after the last barrier) makes one of them abort with "Socket closed"
+  although all its results are in. The parent closes process 0's stdin once the others have
+  exited (`launch`); without a parent's pipe, or after `timeout_s`, it does not wait.
+  """
+  if sys.stdin is None or sys.stdin.isatty():
+    return
+  fd, deadline = sys.stdin.fileno(), time.monotonic() + timeout_s
+  while (left := deadline - time.monotonic()) > 0:
+    if select.select([fd], [], [], left)[0] and not os.read(fd, 4096):
+      return   # end of file: the parent saw the others exit
+
+
 def _startup(begun: float, imported: float) -> None:
   import jax
   ready = time.time()
@@ -315,6 +349,11 @@ def main(module_name: str, prefixes: str) -> int:
       os._exit(3)
   sys.stdout.flush()
   sys.stderr.flush()
+  # The others exit first; process 0, which hosts the coordination service, waits for them.
+  if os.environ.get('PROCESS_ID') == '0':
+    _linger(barrier_ms / 1000)
+  else:   # a process slow to exit (a loaded machine); tests/test_multihost.py sets it
+    time.sleep(float(os.environ.get('MESHSTATE_EXIT_DELAY_S', '0')))
   # Skip JAX's shutdown at exit: a collective that a failed check left pending (processes that
   # disagreed) would block it, and every result is already reported.
   os._exit(0)

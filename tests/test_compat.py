@@ -103,3 +103,28 @@ def test_scan_counts_reads_consts_and_carries_of_a_scan_equation():
   assert _compat.scan_counts(eqn.params) == (1, 2)
   with pytest.raises(NotImplementedError, match="scan parameters \\(\\['length'\\]\\)"):
     _compat.scan_counts({'length': 4})
+
+
+def test_the_jaxpr_parameters_read_outside_compat_mean_what_varying_axes_assumes():
+  # transform/_varying.py reads equation parameters that JAX's jaxpr documentation names
+  # (`axes`, `axis_name`, `axis_index_groups`, `branches`, while's and scan's jaxprs), so they
+  # stay there; this pins their meaning on each tested JAX (tox): a renamed one fails here,
+  # where grouped reductions would otherwise pass for full ones.
+  from meshstate.transform._varying import varying_axes
+
+  def f(x, p):
+    full = lax.psum(x, 'i')
+    grouped = lax.psum(x, 'i', axis_index_groups=[[0, 1], [2, 3]])
+    index = lax.axis_index('i').astype(x.dtype)
+    picked = lax.cond(p, lambda v: v, lambda v: v * index, full)
+    loop = lax.while_loop(lambda c: c[0] < index, lambda c: (c[0] + 1.0, c[1] + full), (0.0, 0.0))
+    scanned = lax.scan(lambda c, _: (c + index, None), full, None, length=2)[0]
+    return full, grouped, index, picked, loop[1], scanned
+
+  jaxpr = jax.make_jaxpr(f, axis_env=[('i', 4)])(1.0, True)
+  i, none = frozenset({'i'}), frozenset()
+  got = varying_axes(jaxpr, [i, none], i)
+  assert got == [none, i, i, i, i, i]
+  # A replicated input: the index varies, and a grouped reduction is taken to (it may differ).
+  got = varying_axes(jaxpr, [none, none], i)
+  assert got == [none, i, i, i, i, i]

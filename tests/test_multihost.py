@@ -85,6 +85,17 @@ def test_harness_reports_a_failing_child_and_kills_the_rest(tmp_path):
   assert 'child 1 gives up' in report and 'killed' in report
 
 
+def test_the_coordinator_outlives_a_process_slow_to_exit(tmp_path):
+  # Process 0 hosts the coordination service; were it to exit right after the last barrier,
+  # process 1 (slow to exit, as on a loaded machine) would abort with "Socket closed".
+  module = tmp_path / 'one_check.py'
+  module.write_text('def check_index():\n  import jax\n  return jax.process_index()\n')
+  procs = multiprocess.run_checks(str(module), env={'MESHSTATE_EXIT_DELAY_S': '2'})
+  assert multiprocess.failure(procs) is None, multiprocess.failure(procs)
+  assert [p.results['check_index']['value'] for p in procs] == [0, 1]
+  assert procs[0].seconds >= procs[1].seconds   # process 0 exits last
+
+
 # -- works today: explicit global arrays, devices=/mesh= over all devices ------------------------
 
 def test_psum_and_axis_index_span_all_processes(today):

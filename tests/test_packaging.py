@@ -33,3 +33,16 @@ def test_ruff_is_pinned_alike_in_the_lint_extra_and_pre_commit():
   rev = re.search(r'astral-sh/ruff-pre-commit\s+rev: v(\S+)',
                   (ROOT / '.pre-commit-config.yaml').read_text())
   assert rev and pin == f'ruff=={rev.group(1)}'
+
+
+def test_the_jax_lower_bound_is_declared_checked_and_tested_alike():
+  from meshstate._compat import MIN_JAX
+  deps = PYPROJECT['project']['dependencies']
+  assert f'jax>={MIN_JAX}' in deps and f'jaxlib>={MIN_JAX}' in deps
+  lowest = (ROOT / '.ci' / 'constraints' / 'jax-lowest.txt').read_text()
+  assert re.findall(r'^(jax|jaxlib)==(\S+)$', lowest, re.M) == [('jax', MIN_JAX),
+                                                                 ('jaxlib', MIN_JAX)]
+  tox = (ROOT / 'tox.ini').read_text()
+  for name in ('jax-lowest', 'jax-0.10.2', 'jax-newest'):   # each tox environment pins its jax
+    assert f'{{toxinidir}}/.ci/constraints/{name}.txt' in tox, name
+  assert '.ci/constraints/jax-newest.txt' in (ROOT / '.ci' / 'run').read_text()
