@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import meshstate
 from meshstate import ParamState, ShortTermState, State
 from meshstate.random import RandomState
 from meshstate.transform import _engine, jit, pmap2, shard_map, vmap2
 
-from helpers import N, close
+from helpers import N, close, mesh_2x4
 
 
 class _NoLift(_engine.Reader):
@@ -164,3 +164,34 @@ def test_explicit_mesh_state_keeps_the_second_trace(monkeypatch):
   assert len(traces) == 2
   close(w.value, jnp.full((N, 2), 2.0))
   assert meshstate.sharding.describe([w]) is not None
+
+
+def _on_model_axis(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4('Mesh')
+  w = ParamState(jax.device_put(jnp.arange(12.0).reshape(3, 4),
+                                NamedSharding(mesh, P(None, 'model'))))
+  rng, traces = RandomState(5), []
+
+  def step(x):
+    traces.append(1)
+    grad = lax.pmean(x.T @ (x @ w.value), 'data')
+    w.value = w.value - 0.01 * grad
+    return x.sum() + rng.uniform() + lax.axis_index('data')
+
+  f = pmap2(step, axis_name='data', mesh=mesh)
+  x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
+  outs = [f(x), f(x)]
+  monkeypatch.undo()
+  return outs, w.value, len(traces)
+
+
+def test_pmap2_on_a_partly_manual_mesh_traces_once(monkeypatch):
+  outs, w, traces = _on_model_axis(monkeypatch, lift=True)
+  outs2, w2, traces2 = _on_model_axis(monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  close(w, w2)
+  assert w.sharding.spec == P(None, 'model')
+  assert not np.allclose(outs[0][0], outs[0][1])   # each lane draws its own number

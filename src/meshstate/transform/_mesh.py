@@ -69,6 +69,20 @@ def _inside(mesh: Mesh, discovering: bool = False, manual: frozenset = frozenset
     _context.stack.pop()
 
 
+def _body_mesh(mesh: Mesh, manual: frozenset, body: bool = True):
+  """The abstract mesh a `shard_map` body over the `manual` axes of `mesh` is traced under.
+
+  Discovery traces on lane values outside shard_map; tracing it under this mesh records, in
+  each equation, the context the program evaluates it in when the trace is lifted to the
+  program (collectives on a partly manual mesh lower against the other axes). Explicit-axis
+  meshes are never lifted, and their values keep their own mesh type: no context for them.
+  """
+  if not body or AxisType.Explicit in tuple(mesh.axis_types):
+    return contextlib.nullcontext()
+  manual_mesh = mesh.abstract_mesh.update_axis_types({a: AxisType.Manual for a in manual})
+  return jax.sharding.use_abstract_mesh(manual_mesh)
+
+
 class NeedAxis(Exception):
   """Raised by a `pmap2` traced inside another whose mesh lacks its axis: the outer adds it."""
 
@@ -142,11 +156,9 @@ class _ShardMapMapper(Mapper):
 
   def lifts(self, layout) -> bool:
     # Inside shard_map values carry the types of an Explicit mesh or check_vma's varying axes,
-    # and collectives on a partly manual mesh lower against its other axes; a trace on lane
-    # shapes sees none of that, so such programs are traced in place.
-    mesh, manual, *_ = self.mesh_and_specs(layout)
-    return (not self.check_vma and manual == frozenset(mesh.axis_names)
-            and AxisType.Explicit not in tuple(mesh.axis_types))
+    # which a trace on lane shapes does not give them: such programs are traced in place.
+    mesh = self.mesh_and_specs(layout)[0]
+    return not self.check_vma and AxisType.Explicit not in tuple(mesh.axis_types)
 
   def trace_blocks(self, probe, slots, layout):
     """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies."""
@@ -230,7 +242,9 @@ class MeshMapper(_ShardMapMapper):
 
   def trace(self, probe, slots, layout):
     # A pmap2 called in the body finds this mesh in the context and asks for its axis.
-    with _inside(self.mesh(layout.size, layout.name), True, frozenset({layout.name})):
+    mesh, manual = self.mesh(layout.size, layout.name), frozenset({layout.name})
+    body = current_mesh() is None and self.lanes_per_device(layout) == 1
+    with _inside(mesh, True, manual), _body_mesh(mesh, manual, body):
       return trace_mapped(probe, slots, layout)
 
   def plan(self, body, layout, donate):
@@ -392,7 +406,7 @@ class SpecMapper(_ShardMapMapper):
     avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
              for x, spec in zip(slots, in_specs)]
     in_axes = [frozenset(spec_axes(spec)) for spec in in_specs]
-    with _inside(mesh, True, manual):
+    with _inside(mesh, True, manual), _body_mesh(mesh, manual):
       return trace_lanes(probe, avals, in_axes, [(a, mesh.shape[a]) for a in sorted(manual)])
 
 
