@@ -195,3 +195,33 @@ def test_pmap2_on_a_partly_manual_mesh_traces_once(monkeypatch):
   close(w, w2)
   assert w.sharding.spec == P(None, 'model')
   assert not np.allclose(outs[0][0], outs[0][1])   # each lane draws its own number
+
+
+def _typed_shard_map(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4('Mesh')
+  w = ParamState(jnp.arange(16.0).reshape(4, 4))
+  count, rng, traces = State(jnp.zeros(())), RandomState(9), []
+
+  def step(x):
+    traces.append(1)
+    w.value = w.value + lax.psum(x.sum(), 'data')
+    count.value = count.value + 1
+    return x * w.value[0, 0] + rng.uniform()
+
+  f = shard_map(step, mesh, P('data', 'model'), P('data', 'model'),
+                state_in_specs={w: P(None, 'model')}, state_out_specs={w: P(None, 'model')})
+  x = jnp.arange(32.0).reshape(4, 8) / 10
+  outs = [f(x), f(x)]
+  monkeypatch.undo()
+  return outs, (w.value, count.value), len(traces)
+
+
+def test_checked_shard_map_traces_once(monkeypatch):
+  outs, states, traces = _typed_shard_map(monkeypatch, lift=True)
+  outs2, states2, traces2 = _typed_shard_map(monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  assert float(states[1]) == 2.0

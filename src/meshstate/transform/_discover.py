@@ -72,10 +72,11 @@ def lane_aval(x: Any, shape: tuple) -> jax.ShapeDtypeStruct:
 
 @dataclasses.dataclass(frozen=True)
 class Traced:
-  """A probe traced to a jaxpr on lane values, for `varying_axes`."""
+  """A probe traced to a jaxpr on lane values, for `varying_axes` (or typed by `shard_map`)."""
   jaxpr: Any
   in_axes: list      # per input: the tracked axes it varies over
   tracked: frozenset
+  typed: bool = False  # traced inside shard_map(check_vma=True): its types say what varies
 
 
 def trace_lanes(probe: Callable, avals: Sequence[Any], in_axes: Sequence[frozenset],
@@ -136,7 +137,7 @@ def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],
 
   traced = run(probe)
   found['jaxpr'] = traced.jaxpr if traced is not None else None
-  if traced is not None:
+  if traced is not None and not traced.typed:
     axes = varying_axes(traced.jaxpr, traced.in_axes, traced.tracked)
     out_vma, write_vma = found['result_tree'].unflatten(axes)
     found['out_vma'] = out_vma

@@ -3,17 +3,19 @@
 During discovery the first read of a state binds `read_p`, a primitive without operands whose
 result stands for the state's slot (one equation per leaf of its value). When every such equation
 lands in the top-level jaxpr, they become the jaxpr's extra inputs, and the program evaluates that
-jaxpr on the real slots: the user's Python body runs once per call signature. A read that happens
-inside a `scan`/`cond`/`jit` body, a nested meshstate call, or a value typed with an Explicit-axis
-mesh (whose sharding type a lane trace does not carry) leaves the reader unusable, and the engine
-traces the body a second time to build the program, as before.
+jaxpr on the real slots: the user's Python body runs once per call signature. (Under
+`shard_map(check_vma=True)` the probe is traced inside the shard_map body, and the slots are
+typed like the views, varying axes included.) A read that happens inside a `scan`/`cond`/`jit`
+body, a nested meshstate call, or a value typed with an Explicit-axis mesh (whose sharding type
+a lane trace does not carry) leaves the reader unusable, and the engine traces the body a second
+time to build the program, as before.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.extend.core import ClosedJaxpr, Primitive, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, Primitive, Var, jaxpr_as_fun
 
 from meshstate._compat import ShapedArray
 from meshstate.transform._discover import Discovery, lane_key
@@ -61,6 +63,17 @@ class Reader:
     return tree.unflatten([read_p.bind(aval=a, slot=(k, i), axes=axes)
                            for i, a in enumerate(avals)])
 
+  def read_like(self, state: Any, like: Any) -> Any:
+    """The view of `state` as slots typed like the leaves of `like` (varying axes included)."""
+    leaves, tree = jax.tree.flatten(like)
+    if any(map(explicitly_typed, leaves)):
+      self.usable = False
+    k = len(self.states)
+    self.states.append(state)
+    self.leaves.append(len(leaves))
+    return tree.unflatten([read_p.bind(aval=jax.typeof(x), slot=(k, i), axes=frozenset())
+                           for i, x in enumerate(leaves)])
+
   def program(self, disc: Discovery, n_args: int, out_states: Sequence[Any],
               random_in: Sequence[Any], names: Any) -> Callable | None:
     """The program over lane slots (arguments, then states read), or None if it cannot be lifted.
@@ -77,7 +90,7 @@ class Reader:
     slots = [reads[(k, i)].outvars[0] for k, n in enumerate(self.leaves) for i in range(n)]
     lifted = jaxpr.replace(invars=[*jaxpr.invars, *slots],
                            eqns=[e for e in jaxpr.eqns if e.primitive is not read_p])
-    run = jaxpr_as_fun(ClosedJaxpr(lifted, closed.consts))
+    run = jaxpr_as_fun(_dce(ClosedJaxpr(lifted, closed.consts)))
     result_tree, writes = disc.result_tree, disc.writes
     randoms = [self.states.index(s) for s in random_in]
 
@@ -88,3 +101,21 @@ class Reader:
       new.update((self.states[k], lane_key(slots[n_args + k], names)[0]) for k in randoms)
       return (*out_leaves, *(new[s] for s in out_states))
     return program
+
+
+def _dce(closed: ClosedJaxpr) -> ClosedJaxpr:
+  """`closed` without the equations and constants no output needs (effects are kept).
+
+  What discovery computed only to type a view (a placeholder's slice of a state, say) is dead
+  once the reads are inputs; dropping it also lets go of the constants it held.
+  """
+  jaxpr = closed.jaxpr
+  live = {v for v in jaxpr.outvars if isinstance(v, Var)}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(v for v in eqn.invars if isinstance(v, Var))
+  consts = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts) if v in live]
+  return ClosedJaxpr(jaxpr.replace(eqns=kept[::-1], constvars=[v for v, _ in consts]),
+                     [c for _, c in consts])

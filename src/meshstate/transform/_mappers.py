@@ -51,6 +51,7 @@ class Mapper:
   mapped = True        # False for plain jit: no axis, nothing varies, random keys are not split
   keeps_layout = False  # True when written states are pinned to the layout they came in with
   follows_context = False   # True when the mesh is the context mesh of each call
+  check_vma = False   # True when the body runs under shard_map's varying-axes typing
   # Declared for the type checker only: the mesh mappers (`_mesh.py`) have these, and the
   # engine reaches them where it knows the kind of mapper, or after a `hasattr` check.
   user_mesh: Any

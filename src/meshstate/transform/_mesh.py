@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
-from meshstate.transform._discover import lane_aval, trace_lanes
+from meshstate.transform._discover import Traced, lane_aval, trace_lanes
 from meshstate.transform._multihost import global_devices
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key',
@@ -155,21 +155,26 @@ class _ShardMapMapper(Mapper):
     return mapped, fit
 
   def lifts(self, layout) -> bool:
-    # Inside shard_map values carry the types of an Explicit mesh or check_vma's varying axes,
-    # which a trace on lane shapes does not give them: such programs are traced in place.
-    mesh = self.mesh_and_specs(layout)[0]
-    return not self.check_vma and AxisType.Explicit not in tuple(mesh.axis_types)
+    # Inside shard_map values carry the types of an Explicit mesh, which a trace on lane
+    # shapes does not give them: such programs are traced in place.
+    return AxisType.Explicit not in tuple(self.mesh_and_specs(layout)[0].axis_types)
 
-  def trace_blocks(self, probe, slots, layout):
-    """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies."""
+  def trace_blocks(self, probe, slots, layout) -> Traced:
+    """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies.
+
+    The probe is traced to a jaxpr of its own inside the shard_map body, on the typed blocks,
+    so that the program can be that jaxpr.
+    """
     mesh, manual, in_specs, _ = self.mesh_and_specs(layout)
+    found = []
 
     def returns_nothing(*lanes):
-      probe(*lanes)
+      found.append(jax.make_jaxpr(probe)(*lanes))
       return ()
     mapped, fit = self._shard_map(self._inside_fn(returns_nothing, layout, mesh), mesh, manual,
                                   in_specs, ())
     jax.eval_shape(mapped, *(fit(*slots) if fit else slots))
+    return Traced(found[0], [], frozenset(), typed=True)
 
   def plan(self, body, layout, donate):
     mesh, manual, in_specs, out_specs = self.mesh_and_specs(layout)
@@ -400,8 +405,7 @@ class SpecMapper(_ShardMapMapper):
 
   def trace(self, probe, slots, layout):
     if self.check_vma:
-      self.trace_blocks(probe, slots, layout)
-      return None
+      return self.trace_blocks(probe, slots, layout)
     mesh, manual, in_specs, _ = self.mesh_and_specs(layout)
     avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
              for x, spec in zip(slots, in_specs)]

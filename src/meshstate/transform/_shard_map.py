@@ -126,14 +126,17 @@ class StatefulShardMap(StatefulMapping):
     return self._first(self.state_in_specs, state, paths) or P()
 
   def _view(self, state, base, layout, paths, fed, reader):
+    typed = self._mapper.check_vma   # the view is typed by shard_map: slots typed like it
     if isinstance(state, RandomState):
-      key = base if reader is None else reader.read(state, base, lambda s: s, frozenset())
+      key = (base if reader is None else reader.read_like(state, base) if typed
+             else reader.read(state, base, lambda s: s, frozenset()))
       return lane_key(key, layout.name)[1]
     spec = self._layout_state_in(state, paths, fed)
     block = functools.partial(self._block_shape, spec=spec, state=state, paths=paths)
-    if reader is not None:
+    if reader is not None and not typed:
       return reader.read(state, base, block, frozenset(spec_axes(spec)))
-    return jax.tree.map(lambda x: _first_block(x, block, spec_axes(spec)), placeholder(base))
+    view = jax.tree.map(lambda x: _first_block(x, block, spec_axes(spec)), placeholder(base))
+    return view if reader is None else reader.read_like(state, view)
 
   def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
     """The shape of one device's block of a global `shape` laid out by `spec`."""
