@@ -665,9 +665,13 @@ class StatefulMapping:
       if reader is not None:
         return reader.read(state, base, _same_shape, frozenset())
       return placeholder(base)
-    what = f'state_in_axes for {self._describe(state, paths)}'
     for leaf in jax.tree.leaves(base):
       shape = jnp.shape(leaf)
+      if type(axis) is int and -len(shape) <= axis < len(shape) and (
+          shape[axis] == layout.size):   # valid: skip building the message (a hot loop)
+        axis %= len(shape)
+        continue
+      what = f'state_in_axes for {self._describe(state, paths)}'
       axis = _axes.check_axis(axis, len(shape), what, shape)
       if shape[axis] != layout.size and shape[axis] * layout.processes != layout.size:
         where = ', '.join(w for w, _ in layout.sources) or 'axis_size'
