@@ -118,6 +118,12 @@ def brainstate_case(n_states, x):
                 lambda k: _expect([s.value for s in _ends(states)], k), calls_per_round=1)
 
 
+def _mesh_and_input():
+  """The 1-D mesh of every device, and the mapped input x of shape (devices, 4) laid out on it."""
+  mesh = Mesh(np.array(jax.devices()), ('i',))
+  return mesh, jax.device_put(jnp.ones((jax.device_count(), 4)), NamedSharding(mesh, P('i')))
+
+
 def profile(args) -> list[dict]:
   """µs of Python per cached pmap2 call: its program replaced by a stub, so no device work.
 
@@ -125,9 +131,7 @@ def profile(args) -> list[dict]:
   objects into the states, as the real program does. Reported: the call minus the stub alone,
   each the minimum over rounds (the least disturbed by other jobs on the machine).
   """
-  n = jax.device_count()
-  mesh = Mesh(np.array(jax.devices()), ('i',))
-  x = jax.device_put(jnp.ones((n, 4)), NamedSharding(mesh, P('i')))
+  _, x = _mesh_and_input()
   rows = []
   for n_states in args.states:
     for donate in args.donate:
@@ -162,9 +166,8 @@ def _stubbed(n_states, x, donate, rounds, calls) -> tuple[float, float]:
 
 
 def measure(args, failures: T.Failures) -> list[dict]:
-  n = jax.device_count()
-  mesh = Mesh(np.array(jax.devices()), ('i',))
-  x = jax.device_put(jnp.ones((n, 4)), NamedSharding(mesh, P('i')))
+  mesh, x = _mesh_and_input()
+  n = x.shape[0]
   rows = []
   for n_states in args.states:
     for donate in args.donate:

@@ -52,27 +52,23 @@ class Reader:
 
   def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple], axes: frozenset) -> Any:
     """The view of `state` (value `base`): leaves of the lane shape `shape(leaf shape)`."""
-    leaves, tree = jax.tree.flatten(base)
-    if any(map(explicitly_typed, leaves)):
-      self.usable = False
-    k = len(self.states)
-    self.states.append(state)
-    self.leaves.append(len(leaves))
     avals = [ShapedArray(shape(a.shape), a.dtype, weak_type=a.weak_type)
-             for a in map(jax.typeof, leaves)]
-    return tree.unflatten([read_p.bind(aval=a, slot=(k, i), axes=axes)
-                           for i, a in enumerate(avals)])
+             for a in map(jax.typeof, jax.tree.leaves(base))]
+    return self._slots(state, base, avals, axes)
 
   def read_like(self, state: Any, like: Any) -> Any:
     """The view of `state` as slots typed like the leaves of `like` (varying axes included)."""
-    leaves, tree = jax.tree.flatten(like)
+    return self._slots(state, like, list(map(jax.typeof, jax.tree.leaves(like))), frozenset())
+
+  def _slots(self, state: Any, value: Any, avals: list, axes: frozenset) -> Any:
+    leaves, tree = jax.tree.flatten(value)
     if any(map(explicitly_typed, leaves)):
       self.usable = False
     k = len(self.states)
     self.states.append(state)
     self.leaves.append(len(leaves))
-    return tree.unflatten([read_p.bind(aval=jax.typeof(x), slot=(k, i), axes=frozenset())
-                           for i, x in enumerate(leaves)])
+    return tree.unflatten([read_p.bind(aval=a, slot=(k, i), axes=axes)
+                           for i, a in enumerate(avals)])
 
   def program(self, disc: Discovery, n_args: int, out_states: Sequence[Any],
               random_in: Sequence[Any], names: Any) -> Callable | None:
