@@ -146,8 +146,9 @@ def test_many_shapes_leave_rss_at_plain_jax_jits_baseline():
   "Baseline" is the same 200 programs compiled by plain `jax.jit` in a fresh process, one new
   function per shape, the last `default_cache_size` of them kept alive as meshstate's cache
   keeps its entries. It is not the RSS before the loop: each compiled XLA:CPU program costs
-  about 1.5 MiB while it lives, and about 0.1 MiB per program compiled stays with the process
-  after the program goes (JAX's caches, heap fragmentation), with plain `jax.jit` too.
+  memory while it lives (about 1.5 MiB on jax 0.10, 0.2 MiB on 0.12), and some per program
+  compiled stays with the process after the program goes (JAX's caches, heap fragmentation),
+  with plain `jax.jit` too.
   meshstate must add nothing of its own: RSS with the cache full and after `cache_clear()`
   within 10% + 6 MiB of the baseline's (meshstate's discovery trace adds entries to JAX's
   bounded caches), and no evicted or cleared entry's program still alive. The two protocols
@@ -170,6 +171,6 @@ def test_many_shapes_leave_rss_at_plain_jax_jits_baseline():
   assert ms['value'] == plain['value'] == total
   assert ms['programs'] == plain['programs'] == 200
   assert plain['alive'] == 0 and ms['alive'] == 0, out
-  assert plain['held'] > 2 * plain['after'] + 20, out   # the protocol sees the kept programs
+  assert plain['held'] > plain['after'] + 5, out   # the protocol sees the kept programs
   assert ms['held'] <= 1.1 * plain['held'] + 6, out
   assert ms['after'] <= 1.1 * plain['after'] + 6, out
