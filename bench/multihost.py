@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import _timing as T
@@ -134,6 +135,12 @@ def child(args) -> None:
   multihost_utils.sync_global_devices('bench done')   # no process leaves while another runs
   sys.stdout.flush()
   sys.stderr.flush()
+  if args.process_id == 0:
+    # Process 0 hosts the coordination service; a process still exiting when it stops aborts.
+    # The parent closes our stdin once the others are gone (read() then returns).
+    waiter = threading.Thread(target=sys.stdin.read, daemon=True)
+    waiter.start()
+    waiter.join(timeout=60)
   # Skip JAX's shutdown: a collective that a failed variant left pending would block it.
   os._exit(0)
 
@@ -181,9 +188,12 @@ def launch(args) -> list[tuple[int | None, str, str]]:
         err = open(os.path.join(tmp, f'{i}.err'), 'w+')
         files.append((out, err))
         children.append(subprocess.Popen(argv + ['--process-id', str(i)], stdout=out,
-                                         stderr=err, stdin=subprocess.DEVNULL, cwd=T.ROOT,
-                                         env=_env(args.local_devices)))
+                                         stderr=err, cwd=T.ROOT, env=_env(args.local_devices),
+                                         stdin=subprocess.PIPE if i == 0 else subprocess.DEVNULL))
       while any(c.poll() is None for c in children):
+        stdin = children[0].stdin
+        if stdin and not stdin.closed and all(c.poll() is not None for c in children[1:]):
+          stdin.close()                  # the others are gone: process 0 may stop the service
         if any(c.returncode not in (None, 0) for c in children):
           break                          # one failed: the others may wait in a collective
         if time.monotonic() - start > args.timeout:
@@ -194,6 +204,8 @@ def launch(args) -> list[tuple[int | None, str, str]]:
     finally:
       for c in children:
         _kill(c)
+        if c.stdin is not None:
+          c.stdin.close()
     got = []
     for c, (out, err) in zip(children, files):
       out.seek(0)
