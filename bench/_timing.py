@@ -257,6 +257,20 @@ def write_json(path: str, rows: Any, info: dict) -> None:
   print(f'wrote {os.path.relpath(path)}')
 
 
+def run(args: argparse.Namespace, name: str,
+        measure: Callable[[argparse.Namespace, 'Failures'], list[dict]],
+        columns: Sequence[tuple[str, str, str]], **info: Any) -> int:
+  """Measure, print the table, write the JSON (`meta` taken after measuring, with `info`).
+
+  Returns the exit status: non-zero when a variant failed.
+  """
+  failures = Failures(args.fail)
+  rows = measure(args, failures)
+  print_table(rows, columns)
+  write_json(out_path(args, name), rows, meta(quick=args.quick, **info))
+  return failures.exit_code()
+
+
 # -- processes and memory ----------------------------------------------------------------------
 
 def report(**record: Any) -> None:

@@ -213,12 +213,8 @@ def main(argv=None) -> int:
                                   ('python_us', 'Python µs/call', '.2f'),
                                   ('stub_us', 'stub µs', '.2f')])
     return 0
-  failures = T.Failures(args.fail)
-  rows = measure(args, failures)
-  T.print_table(rows, COLUMNS)
-  T.write_json(T.out_path(args, 'dispatch'), rows,
-               T.meta(rounds=args.rounds, calls_per_round=args.calls, quick=args.quick))
-  return failures.exit_code()
+  return T.run(args, 'dispatch', measure, COLUMNS, rounds=args.rounds,
+               calls_per_round=args.calls)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ time over `jax.pmap`'s in that round.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -157,13 +156,9 @@ def main(argv=None) -> int:
     args.states, args.rounds, args.variants, args.jobs = '4', 1, 'meshstate.pmap2,jax.pmap', 2
   args.states = [int(s) for s in args.states.split(',')]
   args.variants = args.variants.split(',')
-  failures = T.Failures(args.fail)
-  rows = measure(args, failures)
-  T.print_table(rows, COLUMNS)
-  T.write_json(T.out_path(args, 'first_call'), rows,
-               T.meta(rounds=args.rounds, quick=args.quick, fresh_process_each=True,
-                      load_average_end=os.getloadavg()))
-  return failures.exit_code()
+  # `meta`'s load_average is taken when the measurement has ended.
+  return T.run(args, 'first_call', measure, COLUMNS, rounds=args.rounds,
+               fresh_process_each=True)
 
 
 if __name__ == '__main__':

@@ -137,12 +137,7 @@ def main(argv=None) -> int:
   if args.quick:
     args.states, args.rounds, args.calls = '2', 3, 5
   args.states = [int(s) for s in args.states.split(',')]
-  failures = T.Failures(args.fail)
-  rows = measure(args, failures)
-  T.print_table(rows, COLUMNS)
-  T.write_json(T.out_path(args, 'lanes'), rows,
-               T.meta(rounds=args.rounds, calls_per_round=args.calls, quick=args.quick))
-  return failures.exit_code()
+  return T.run(args, 'lanes', measure, COLUMNS, rounds=args.rounds, calls_per_round=args.calls)
 
 
 if __name__ == '__main__':

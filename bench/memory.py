@@ -169,14 +169,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.quick:
     args.states, args.width, args.calls = 4, 32768, 2
-  failures = T.Failures(args.fail)
-  rows = measure(args, failures)
-  T.print_table(rows, COLUMNS)
-  T.write_json(T.out_path(args, 'memory'), rows,
-               T.meta(states=args.states, width=args.width, calls=args.calls,
-                      quick=args.quick, mmap_threshold=MMAP_THRESHOLD,
-                      method='peak live = live bytes before + peak RSS rise during the call'))
-  return failures.exit_code()
+  return T.run(args, 'memory', measure, COLUMNS, states=args.states, width=args.width,
+               calls=args.calls, mmap_threshold=MMAP_THRESHOLD,
+               method='peak live = live bytes before + peak RSS rise during the call')
 
 
 if __name__ == '__main__':
