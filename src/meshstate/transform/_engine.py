@@ -117,7 +117,6 @@ class _Calls(threading.local):
 
 
 _calls = _Calls()
-_same_shape = lambda shape: shape  # noqa: E731
 _STALE = object()  # never the current value: a reference to it forces a signature check
 _stale = lambda: _STALE  # noqa: E731
 _call_lock = threading.RLock()   # held by a call from reading its states to writing them back
@@ -138,7 +137,6 @@ def _refs(values: Sequence[Any]) -> list:
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 _aval = operator.attrgetter('aval')
-_call = getattr(operator, 'call', None) or operator.methodcaller('__call__')   # 3.11+ / 3.10
 
 
 def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
@@ -377,7 +375,7 @@ class StatefulMapping:
       if entries:
         entry, leaves = entries[-1], args
         vals = list(map(_get_value, entry.in_states))
-        hit = all(map(operator.is_, vals, map(_call, entry.last))) and (
+        hit = all(map(operator.is_, vals, map(operator.call, entry.last))) and (
             not entry.static_reads or entry.statics_hold())
       if not hit:
         entry, leaves, vals = self._prepare(args, kwargs)
@@ -651,19 +649,19 @@ class StatefulMapping:
     if self._mapper.mapped:
       return lambda state, base: self._view(state, base, layout, paths, fed, reader)
     if reader is not None:
-      return lambda state, base: reader.read(state, base, _same_shape, frozenset())
+      return lambda state, base: reader.read(state, base)
     return None
 
   def _view(self, state: State, base: Any, layout: Layout, paths: dict, fed: dict,
             reader: Reader | None) -> Any:
     """The body's view of `state` on first read during discovery (a slot of `reader`'s)."""
     if isinstance(state, RandomState):
-      key = base if reader is None else reader.read(state, base, _same_shape, frozenset())
+      key = base if reader is None else reader.read(state, base)
       return lane_key(key, self._lane_names(layout))[1]
     axis = self._layout_state_in(state, paths, fed)
     if axis is None:
       if reader is not None:
-        return reader.read(state, base, _same_shape, frozenset())
+        return reader.read(state, base)
       return placeholder(base)
     for leaf in jax.tree.leaves(base):
       shape = jnp.shape(leaf)

@@ -50,25 +50,27 @@ class Reader:
     self.leaves: list[int] = []     # leaves of each one's value
     self.usable = True
 
-  def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple], axes: frozenset) -> Any:
-    """The view of `state` (value `base`): leaves of the lane shape `shape(leaf shape)`."""
-    avals = [ShapedArray(shape(a.shape), a.dtype, weak_type=a.weak_type)
-             for a in map(jax.typeof, jax.tree.leaves(base))]
-    return self._slots(state, base, avals, axes)
+  def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple] | None = None,
+           axes: frozenset = frozenset()) -> Any:
+    """The view of `state` (value `base`): untyped leaves of the lane shape `shape(leaf shape)`
+    (the leaf's own shape without `shape`), varying over the mapped `axes`."""
+    lane = shape or (lambda s: s)
+    return self._slots(state, base, lambda a: ShapedArray(lane(a.shape), a.dtype,
+                                                          weak_type=a.weak_type), axes)
 
   def read_like(self, state: Any, like: Any) -> Any:
     """The view of `state` as slots typed like the leaves of `like` (varying axes included)."""
-    return self._slots(state, like, list(map(jax.typeof, jax.tree.leaves(like))), frozenset())
+    return self._slots(state, like, lambda a: a, frozenset())
 
-  def _slots(self, state: Any, value: Any, avals: list, axes: frozenset) -> Any:
+  def _slots(self, state: Any, value: Any, aval: Callable[[Any], Any], axes: frozenset) -> Any:
     leaves, tree = jax.tree.flatten(value)
     if any(map(explicitly_typed, leaves)):
       self.usable = False
     k = len(self.states)
     self.states.append(state)
     self.leaves.append(len(leaves))
-    return tree.unflatten([read_p.bind(aval=a, slot=(k, i), axes=axes)
-                           for i, a in enumerate(avals)])
+    return tree.unflatten([read_p.bind(aval=aval(jax.typeof(x)), slot=(k, i), axes=axes)
+                           for i, x in enumerate(leaves)])
 
   def program(self, disc: Discovery, n_args: int, out_states: Sequence[Any],
               random_in: Sequence[Any], names: Any) -> Callable | None:

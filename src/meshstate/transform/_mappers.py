@@ -69,7 +69,7 @@ class Mapper:
     return False
 
   def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> Traced | None:
-    """Trace `probe` abstractly; return its jaxpr to analyse (None: typed by `shard_map`)."""
+    """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""
     return trace_mapped(probe, slots, layout)
 
   def lifts(self, layout: Any) -> bool:

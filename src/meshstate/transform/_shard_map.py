@@ -129,7 +129,7 @@ class StatefulShardMap(StatefulMapping):
     typed = self._mapper.check_vma   # the view is typed by shard_map: slots typed like it
     if isinstance(state, RandomState):
       key = (base if reader is None else reader.read_like(state, base) if typed
-             else reader.read(state, base, lambda s: s, frozenset()))
+             else reader.read(state, base))
       return lane_key(key, layout.name)[1]
     spec = self._layout_state_in(state, paths, fed)
     block = functools.partial(self._block_shape, spec=spec, state=state, paths=paths)
