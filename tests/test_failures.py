@@ -69,12 +69,24 @@ class _FailingLookup(dict):
     raise self.kind('injected')
 
 
+class _FailingEntry:
+  def __init__(self, kind):
+    self.kind = kind
+
+  @property
+  def in_states(self):
+    raise self.kind('injected')
+
+
 def _inject(stage, kind, f, states, monkeypatch):
   """Arrange for `stage` to raise `kind` on the next call; returns an undo function or None."""
   _, h, rng = states
-  if stage == 'signature':   # the general path's signature, and the fast path's lookup
+  if stage == 'signature':   # the general path's signature, the fast path's lookup, and the
+    # direct path's reading of its entry
     monkeypatch.setattr(f, '_signature', _raise(kind))
     monkeypatch.setattr(f, '_flat', _FailingLookup(kind))
+    if f._direct is not None:
+      monkeypatch.setattr(f, '_direct', _FailingEntry(kind))
   elif stage == 'discovery':
     monkeypatch.setattr(_engine, 'discover', _raise(kind))
   elif stage == 'program':

@@ -59,6 +59,10 @@ class _Local(threading.local):
 
 
 _local = _Local()
+# Frames open in all threads together: while it is 0, no thread traces, and a call can skip
+# the (slower) thread-local look-up of its own stack.
+frames_open = [0]
+_frames_lock = threading.Lock()
 
 
 def frames() -> list['Frame']:
@@ -92,6 +96,8 @@ class Frame:
     self.trace = get_opaque_trace_state()
     stack = _local.stack
     self.parent = stack[-1] if stack else None
+    with _frames_lock:
+      frames_open[0] += 1
     stack.append(self)
     return self
 
@@ -99,6 +105,8 @@ class Frame:
     stack = _local.stack
     assert stack and stack[-1] is self, 'meshstate trace frames exited out of order'
     stack.pop()
+    with _frames_lock:
+      frames_open[0] -= 1
 
   def value_of(self, state: 'State') -> Any:
     """What the body sees of `state` now (recording nothing)."""

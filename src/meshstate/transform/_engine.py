@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._compat import api_boundary
 from meshstate._errors import BatchAxisError
-from meshstate._state import Frame, State, _local, in_frame_trace, traced_write_error
+from meshstate._state import Frame, State, _local, frames_open, in_frame_trace, traced_write_error
 from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
@@ -81,7 +81,7 @@ class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
                'stable', 'rewrites_all', 'keeps_reads', 'single_out', 'static_reads',
-               'static_writes', 'local_io', 'weak', 'key')
+               'static_writes', 'local_io', 'weak', 'key', 'direct')
 
   def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
@@ -97,6 +97,7 @@ class _Entry:
     self.weak = False   # whether every value it tracks can be weakly referenced
     self.key = None
     self.stable = None  # whether a call leaves the states with the signature it was traced for
+    self.direct = False  # whether calls may skip the checks and let the guarded program check
 
   def statics_hold(self) -> bool:
     """Whether every Python-valued state read still holds the value this entry was traced for."""
@@ -134,6 +135,30 @@ def _refs(values: Sequence[Any]) -> list:
   return out
 
 
+class _Retrace(Exception):
+  """A program was asked to trace for other input types than it was built for."""
+
+
+def _guarded(program: Callable) -> Callable:
+  """`program`, refusing (with `_Retrace`) to be traced for other inputs than its first.
+
+  This lets a call hand the program the arguments and state values unchecked: `jax.jit`'s C++
+  dispatch compares their types and shardings with the compiled program's, and traces again
+  only when they differ, which this guard then turns into a fall back to the checked path.
+  """
+  first = []
+
+  def guarded(*slots):
+    leaves, tree = jax.tree.flatten(slots)
+    sig = (tree, tuple(map(jax.typeof, leaves)))
+    if not first:
+      first.append(sig)
+    elif sig != first[0]:
+      raise _Retrace
+    return program(*slots)
+  return guarded
+
+
 _get_value = operator.attrgetter('_value')
 _set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 _aval = operator.attrgetter('aval')
@@ -144,9 +169,9 @@ def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
   states = entry.out_states
   old = vals if entry.rewrites_all else list(map(_get_value, states))
   try:
-    collections.deque(map(_set_value, states, new), maxlen=0)
+    any(map(_set_value, states, new))   # each returns None: `any` runs them all, in C
   except BaseException:   # KeyboardInterrupt included: no state is left half written
-    collections.deque(map(_set_value, states, old), maxlen=0)
+    any(map(_set_value, states, old))
     raise
 
 
@@ -327,6 +352,8 @@ class StatefulMapping:
     self._lru: collections.OrderedDict[_Entry, None] = collections.OrderedDict()
     self.cache_size = self.default_cache_size
     self._ncalls = self._misses = 0
+    self._direct: _Entry | None = None   # the entry a positional call may run unchecked
+    self._retraces = 0
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
     self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -354,6 +381,7 @@ class StatefulMapping:
     new.origin_fun = new.__wrapped__ = fun
     new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
     new._lru, new._ncalls, new._misses = collections.OrderedDict(), 0, 0
+    new._direct, new._retraces = None, 0
     new._bound = weakref.WeakKeyDictionary()
     return new
 
@@ -361,6 +389,31 @@ class StatefulMapping:
 
   @api_boundary
   def __call__(self, *args, **kwargs):
+    entry = self._direct
+    if entry is not None and not kwargs and not (frames_open[0] and _local.stack):
+      # Direct path: the entry the last positional call ran. Its guarded program checks the
+      # arguments' and states' types in jax.jit's C++ dispatch, and refuses other ones.
+      with _call_lock:
+        vals = list(map(_get_value, entry.in_states))
+        try:
+          outs = entry.fn(*args, *vals)
+        except _Retrace:
+          self._undirect()
+        except (TypeError, ValueError):   # not a JAX type, or laid out elsewhere: the checked
+          pass                            # path names the argument, or moves the values
+        else:
+          self._ncalls += 1
+          n = entry.n_out
+          if entry.out_states:
+            new = outs[n:]
+            if type(new[0]) is not _ArrayImpl and _traced(new):
+              raise traced_write_error(f'{self.name} was called', new)
+            _write(entry, new, vals)
+          return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
+    return self._checked(*args, **kwargs)
+
+  def _checked(self, *args, **kwargs):
+    """A call with every check: the cache looked up by signature, the states' values compared."""
     if _local.stack:
       return self._call_nested(*self._signature(args, kwargs))
     with _call_lock:   # read → run → write-back: atomic with respect to other meshstate calls
@@ -382,13 +435,20 @@ class StatefulMapping:
       self._lru.move_to_end(entry)
       self._ncalls += 1
       # Run the program, write the states back (the slots themselves), return the outputs.
-      outs = entry.fn(*leaves, *vals)
+      try:
+        outs = entry.fn(*leaves, *vals)
+      except _Retrace:   # traced for other types than the entry's (a JAX setting changed)
+        self._forget(entry)
+        entry, leaves, vals = self._prepare(args, kwargs)
+        outs = entry.fn(*leaves, *vals)
+      except ValueError:   # jit takes its inputs on given shardings, and some were elsewhere
+        if not entry.plan.in_shardings:
+          raise
+        leaves, vals = self._moved(entry, leaves, vals)
+        outs = entry.fn(*leaves, *vals)
       n = entry.n_out
       if entry.out_states:
-        new = outs[n:]
-        if type(new[0]) is not _ArrayImpl and _traced(new):
-          raise traced_write_error(f'{self.name} was called', new)
-        _write(entry, new, vals)
+        new = self._write_back(entry, outs, vals)
       last = new if entry.rewrites_all and entry.out_states else None
       for state, value in entry.static_writes:
         state._value = value
@@ -401,9 +461,42 @@ class StatefulMapping:
           entry.last = _refs(last)
       else:
         self._settle(entry, list(map(_get_value, entry.in_states)) if last is None else last)
+      if entry.direct and self._direct_pays() and not kwargs and (
+          not self._has_static) and (leaves is args or (
+              len(leaves) == len(args) and all(map(operator.is_, leaves, args)))):
+        self._direct = entry
     if entry.local_io:
       outs = to_local(list(outs[:n]))
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
+
+  def _moved(self, entry: _Entry, leaves: Sequence[Any], vals: list) -> tuple[list, list]:
+    """The arguments and state values on the shardings the program takes them on.
+
+    The states are left holding their moved values, as after a first call.
+    """
+    n = len(leaves)
+    moved = jax.device_put([*leaves, *vals], list(entry.plan.in_shardings))
+    states = entry.in_states
+    if not _traced(moved[n:]):
+      any(map(_set_value, states, moved[n:]))
+    return moved[:n], moved[n:]
+
+  def _write_back(self, entry: _Entry, outs: Sequence[Any], vals: list) -> Sequence[Any]:
+    new = outs[entry.n_out:]
+    if type(new[0]) is not _ArrayImpl and _traced(new):
+      raise traced_write_error(f'{self.name} was called', new)
+    _write(entry, new, vals)
+    return new
+
+  def _undirect(self) -> None:
+    """The direct path's entry met other types: the call goes on as a checked one."""
+    self._direct = None
+    self._retraces += 1
+
+  def _direct_pays(self) -> bool:
+    # Each refusal costs a failed trace in jax.jit: a mapping whose calls keep changing types
+    # (alternating shapes, say) is better served by the checked path's lookup alone.
+    return self._retraces < 8 or self._retraces * 64 <= self._ncalls
 
   def cache_info(self) -> CacheInfo:
     """Programs cached per call signature: `CacheInfo(hits, misses, maxsize, currsize)`.
@@ -431,7 +524,8 @@ class StatefulMapping:
       self._cache.clear()
       self._flat.clear()
       self._lru.clear()
-      self._ncalls = self._misses = 0
+      self._ncalls = self._misses = self._retraces = 0
+      self._direct = None
 
   def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The general path: the entry for any arguments (traced on a miss), leaves, state values."""
@@ -815,8 +909,14 @@ class StatefulMapping:
     if program is None:
       program = self._program(body, random_in, layout, disc.out_avals)
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
-    entry = _Entry(mapper.plan(program, layout, donate), tuple(map(self._sig, vals)), vals,
-                   local_io=layout.local_io)
+    entry = _Entry(mapper.plan(_guarded(program), layout, donate), tuple(map(self._sig, vals)),
+                   vals, local_io=layout.local_io)
+    # A direct call leaves checking the types to jax.jit; a state's sharding, the context mesh,
+    # a Python value read or each process's part of the arguments need the checked path.
+    entry.direct = (entry.plan.kind != 'custom' and not mapper.keeps_layout and
+                    not layout.static_reads and not layout.static_writes and
+                    not layout.local_io and not mapper.follows_context and
+                    not mapper.spans_processes())
     self._remember(key, entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
@@ -842,13 +942,18 @@ class StatefulMapping:
     self._cache.setdefault(key, []).append(entry)
     self._lru[entry] = None
     while len(self._lru) > max(self.cache_size, 1):
-      old, _ = self._lru.popitem(last=False)
-      entries = self._cache[old.key]
-      entries.remove(old)
-      if not entries:   # the fast path's lists are the same objects: drop those too
-        del self._cache[old.key]
-        for flat_key in [k for k, v in self._flat.items() if v is entries]:
-          del self._flat[flat_key]
+      self._forget(next(iter(self._lru)))
+
+  def _forget(self, entry: _Entry) -> None:
+    del self._lru[entry]
+    if self._direct is entry:
+      self._direct = None
+    entries = self._cache[entry.key]
+    entries.remove(entry)
+    if not entries:   # the fast path's lists are the same objects: drop those too
+      del self._cache[entry.key]
+      for flat_key in [k for k, v in self._flat.items() if v is entries]:
+        del self._flat[flat_key]
 
   def _placed(self, states: list[State], layout: Layout) -> list:
     """The states' values, first moved (once) to where the program reads them.
