@@ -60,6 +60,17 @@ STAGES = [('signature', False), ('signature', True), ('discovery', False), ('pro
           ('run', True), ('write-back', True), ('random key', True)]
 
 
+def _raise_once(kind):
+  armed = [True]
+
+  def setattr_(self, name, value):
+    if armed[0]:
+      armed[0] = False
+      raise kind('injected')
+    object.__setattr__(self, name, value)
+  return setattr_
+
+
 class _FailingLookup(dict):
   def __init__(self, kind):
     super().__init__()
@@ -94,15 +105,11 @@ def _inject(stage, kind, f, states, monkeypatch):
   elif stage == 'run':
     for entry in f._lru:
       monkeypatch.setattr(entry, 'fn', _raise(kind))
-  else:
+  else:   # the store into one state's slot raises, once (restoring it afterwards works)
     target = h if stage == 'write-back' else rng
-    real = _engine._set_value
-
-    def set_value(state, value):
-      if state is target:
-        raise kind('injected')
-      real(state, value)
-    monkeypatch.setattr(_engine, '_set_value', set_value)
+    flaky = type('Flaky' + type(target).__name__, (type(target),),
+                 {'__slots__': (), '__setattr__': _raise_once(kind)})
+    monkeypatch.setattr(target, '__class__', flaky)
 
 
 @pytest.mark.parametrize('kind', [Injected, KeyboardInterrupt])

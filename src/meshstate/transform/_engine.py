@@ -159,19 +159,24 @@ def _guarded(program: Callable) -> Callable:
   return guarded
 
 
-_get_value = operator.attrgetter('_value')
-_set_value = State._value.__set__   # the slot itself: no property, no trace bookkeeping
 _aval = operator.attrgetter('aval')
 
 
+def _values(states: Sequence[State]) -> list:
+  # A comprehension, not map(attrgetter): Python 3.11+ specialises the slot read in place.
+  return [s._value for s in states]
+
+
 def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
-  """Write the states back, all or none of them."""
+  """Write the states back, all or none of them (plain slot stores: the fastest Python has)."""
   states = entry.out_states
-  old = vals if entry.rewrites_all else list(map(_get_value, states))
+  old = vals if entry.rewrites_all else [s._value for s in states]
   try:
-    any(map(_set_value, states, new))   # each returns None: `any` runs them all, in C
+    for state, value in zip(states, new):
+      state._value = value
   except BaseException:   # KeyboardInterrupt included: no state is left half written
-    any(map(_set_value, states, old))
+    for state, value in zip(states, old):
+      state._value = value
     raise
 
 
@@ -394,7 +399,7 @@ class StatefulMapping:
       # Direct path: the entry the last positional call ran. Its guarded program checks the
       # arguments' and states' types in jax.jit's C++ dispatch, and refuses other ones.
       with _call_lock:
-        vals = list(map(_get_value, entry.in_states))
+        vals = [s._value for s in entry.in_states]
         try:
           outs = entry.fn(*args, *vals)
         except _Retrace:
@@ -427,7 +432,7 @@ class StatefulMapping:
           pass
       if entries:
         entry, leaves = entries[-1], args
-        vals = list(map(_get_value, entry.in_states))
+        vals = _values(entry.in_states)
         hit = all(map(operator.is_, vals, map(operator.call, entry.last))) and (
             not entry.static_reads or entry.statics_hold())
       if not hit:
@@ -460,7 +465,7 @@ class StatefulMapping:
         except TypeError:   # a state now holds a value without weak references
           entry.last = _refs(last)
       else:
-        self._settle(entry, list(map(_get_value, entry.in_states)) if last is None else last)
+        self._settle(entry, _values(entry.in_states) if last is None else last)
       if entry.direct and self._direct_pays() and not kwargs and (
           not self._has_static) and (leaves is args or (
               len(leaves) == len(args) and all(map(operator.is_, leaves, args)))):
@@ -478,7 +483,8 @@ class StatefulMapping:
     moved = jax.device_put([*leaves, *vals], list(entry.plan.in_shardings))
     states = entry.in_states
     if not _traced(moved[n:]):
-      any(map(_set_value, states, moved[n:]))
+      for state, value in zip(states, moved[n:]):
+        state._value = value
     return moved[:n], moved[n:]
 
   def _write_back(self, entry: _Entry, outs: Sequence[Any], vals: list) -> Sequence[Any]:
@@ -534,14 +540,14 @@ class StatefulMapping:
     entry = self._lookup(*sig)
     moved = _off_mesh_explicit(leaves, entry.plan)
     if moved is not None:   # typed with another Explicit mesh: moved onto the plan's own first
-      return entry, moved, list(map(_get_value, entry.in_states))
+      return entry, moved, _values(entry.in_states)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
       return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), list(
-          map(_get_value, entry.in_states))
+          _values(entry.in_states))
     if not kwargs and not self._has_static and len(leaves) == len(args) and all(
         map(operator.is_, leaves, args)):
       self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
-    return entry, leaves, list(map(_get_value, entry.in_states))
+    return entry, leaves, _values(entry.in_states)
 
   def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
     """After a call: references to `last`, the values the entry's in-states hold now.
