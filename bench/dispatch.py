@@ -4,6 +4,8 @@ Each case updates S states of shape (n, 4) by a mapped argument (`s.value = s.va
 1-D mesh of all n devices, with the written states donated or not. Variants, interleaved round
 by round in shuffled order:
   - `meshstate.pmap2` (`donate_states=` as the case says);
+  - `pmap2 program`: the program `pmap2` compiled, called by hand with the states' values and
+    stored back, with no lock, cache or check (what `pmap2` adds over it is its call's Python);
   - `jit(shard_map)`: the hand-written `jax.jit(jax.shard_map(...))` that passes the same states
     in and out explicitly, pre-sharded (the baseline: ratios near 1);
   - `jax.pmap` of the same step written functionally (up to --pmap-max-states states);
@@ -68,6 +70,22 @@ def meshstate_case(n_states, x, donate):
   f, states = meshstate_step(n_states, x, donate)
   return T.Case('meshstate.pmap2', lambda: f(x),
                 lambda k: _expect([s.value for s in _ends(states)], k))
+
+
+def program_case(n_states, x, donate):
+  """meshstate's own compiled program, called by hand: the states read, passed and stored back
+  with no lock, cache or check. What `pmap2` adds over this is the Python of its call."""
+  f, states = meshstate_step(n_states, x, donate)
+  f(x)
+  f(x)
+  fn = f._direct.fn   # private: the program the cached call runs (this benchmark only)
+
+  def call():
+    outs = fn(x, *[s._value for s in states])
+    for s, v in zip(states, outs[1:]):
+      s._value = v
+    return outs[0]
+  return T.Case('pmap2 program', call, lambda k: _expect([s.value for s in _ends(states)], k + 2))
 
 
 def shard_map_case(n_states, x, mesh, donate):
@@ -173,6 +191,7 @@ def measure(args, failures: T.Failures) -> list[dict]:
     for donate in args.donate:
       label = f'{n_states} states, donated={donate}: '
       makers = [('meshstate.pmap2', partial(meshstate_case, n_states, x, donate)),
+                ('pmap2 program', partial(program_case, n_states, x, donate)),
                 ('jit(shard_map)', partial(shard_map_case, n_states, x, mesh, donate))]
       if n_states <= args.pmap_max_states:
         makers.append(('jax.pmap', partial(pmap_case, n_states, n, donate)))

@@ -432,7 +432,7 @@ class StatefulMapping:
           pass
       if entries:
         entry, leaves = entries[-1], args
-        vals = _values(entry.in_states)
+        vals = [s._value for s in entry.in_states]
         hit = all(map(operator.is_, vals, map(operator.call, entry.last))) and (
             not entry.static_reads or entry.statics_hold())
       if not hit:
@@ -451,10 +451,14 @@ class StatefulMapping:
           raise
         leaves, vals = self._moved(entry, leaves, vals)
         outs = entry.fn(*leaves, *vals)
-      n = entry.n_out
+      n, last = entry.n_out, None
       if entry.out_states:
-        new = self._write_back(entry, outs, vals)
-      last = new if entry.rewrites_all and entry.out_states else None
+        new = outs[n:]
+        if type(new[0]) is not _ArrayImpl and _traced(new):
+          raise traced_write_error(f'{self.name} was called', new)
+        _write(entry, new, vals)
+        if entry.rewrites_all:
+          last = new
       for state, value in entry.static_writes:
         state._value = value
       if hit and entry.keeps_reads and entry.stable:
@@ -486,13 +490,6 @@ class StatefulMapping:
       for state, value in zip(states, moved[n:]):
         state._value = value
     return moved[:n], moved[n:]
-
-  def _write_back(self, entry: _Entry, outs: Sequence[Any], vals: list) -> Sequence[Any]:
-    new = outs[entry.n_out:]
-    if type(new[0]) is not _ArrayImpl and _traced(new):
-      raise traced_write_error(f'{self.name} was called', new)
-    _write(entry, new, vals)
-    return new
 
   def _undirect(self) -> None:
     """The direct path's entry met other types: the call goes on as a checked one."""
