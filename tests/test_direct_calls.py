@@ -139,3 +139,27 @@ def test_argument_committed_to_one_device_is_moved_onto_the_mesh():
   close(f(one), x * 2)
   close(acc.value, 3 * np.asarray(x))
   assert float(calls.value) == 3 and len(traces) == 1
+
+
+def test_wrong_number_of_arguments_after_direct_calls_is_the_functions_error():
+  f, acc, calls, traces = _accumulator()
+  x = rand(N, 3)
+  f(x)
+  f(x)
+  before = np.asarray(acc.value)
+  with pytest.raises(TypeError, match='positional argument'):
+    f(x, x)
+  close(acc.value, before)
+  close(f(x), x * 2)
+  assert float(calls.value) == 3
+
+
+def test_cache_clear_between_direct_calls_traces_again():
+  f, acc, calls, traces = _accumulator()
+  x = rand(N, 3)
+  f(x)
+  f(x)
+  f.cache_clear()
+  close(f(x), x * 2)
+  close(acc.value, 3 * np.asarray(x))
+  assert len(traces) == 2 and f.cache_info().misses == 1
