@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate import ParamState, State, StateTraceError
-from meshstate.transform import pmap2, vmap2
+from meshstate.transform import jit, pmap2, vmap2
 
 from helpers import N, close, no_tracer, rand
 
@@ -163,3 +163,38 @@ def test_cache_clear_between_direct_calls_traces_again():
   close(f(x), x * 2)
   close(acc.value, 3 * np.asarray(x))
   assert len(traces) == 2 and f.cache_info().misses == 1
+
+
+def test_jit_keeps_the_layout_a_state_was_given_between_direct_calls():
+  mesh = Mesh(np.array(jax.devices()), ('i',))
+  s = State(jax.device_put(rand(N, N), NamedSharding(mesh, P('i'))))
+  traces = []
+
+  @jit
+  def double(x):
+    traces.append(1)
+    s.value = s.value * 2 + x
+    return x
+
+  x = jnp.zeros(())
+  want = np.asarray(s.value)
+  for spec in (P('i'), P('i'), P(None, 'i'), P(None, 'i'), P(), P('i')):
+    s.value = jax.device_put(s.value, NamedSharding(mesh, spec))   # same values, resharded
+    for _ in range(2):   # the second call of each layout is a direct one
+      double(x)
+      want = want * 2
+      close(s.value, want)
+      assert s.value.sharding.spec == spec, (spec, s.value.sharding)
+  assert len(traces) == 3   # one program per layout, each kept on its own
+
+
+def test_jit_state_replaced_by_a_numpy_array_between_direct_calls():
+  s = State(jnp.ones(3))
+  bump = jit(lambda: setattr(s, 'value', s.value + 1))
+  bump()
+  bump()
+  s.value = np.zeros(3, np.float32)
+  bump()
+  bump()
+  close(s.value, np.full(3, 2.0))
+  assert isinstance(s.value, jax.Array)

@@ -8,14 +8,15 @@ taking another path.
 from __future__ import annotations
 
 import importlib
+import operator
 import re
 from types import ModuleType
 from typing import Any
 
 import jax
 
-__all__ = ['MIN_JAX', 'ArrayImpl', 'ShapedArray', 'vma', 'bound_axis_names', 'tracer_kind',
-           'scan_counts', 'distributed_client', 'api_boundary', 'hide_frames_of']
+__all__ = ['MIN_JAX', 'ArrayImpl', 'array_sharding', 'ShapedArray', 'vma', 'bound_axis_names',
+           'tracer_kind', 'scan_counts', 'distributed_client', 'api_boundary', 'hide_frames_of']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -47,6 +48,9 @@ def _private(module: str, *names: str) -> ModuleType:
 
 
 ArrayImpl = _private('jax._src.array', 'ArrayImpl').ArrayImpl   # skips tracer checks by type
+# An array's sharding without its Python property (4x faster; the hot path reads one per state).
+array_sharding = operator.attrgetter('_sharding' if hasattr(ArrayImpl, '_sharding') else
+                                     'sharding')
 _distributed = _private('jax._src.distributed', 'global_state')   # the coordination service
 _traceback = _private('jax._src.traceback_util', 'api_boundary', 'register_exclusion')
 api_boundary = _traceback.api_boundary

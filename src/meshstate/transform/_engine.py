@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
-from meshstate._compat import api_boundary
+from meshstate._compat import api_boundary, array_sharding
 from meshstate._errors import BatchAxisError
 from meshstate._state import Frame, State, _local, frames_open, in_frame_trace, traced_write_error
 from meshstate.nn import Module
@@ -81,7 +81,7 @@ class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
                'stable', 'rewrites_all', 'keeps_reads', 'single_out', 'static_reads',
-               'static_writes', 'local_io', 'weak', 'key', 'direct')
+               'static_writes', 'local_io', 'weak', 'key', 'direct', 'layouts')
 
   def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
@@ -98,6 +98,7 @@ class _Entry:
     self.key = None
     self.stable = None  # whether a call leaves the states with the signature it was traced for
     self.direct = False  # whether calls may skip the checks and let the guarded program check
+    self.layouts = None  # the in-states' shardings a direct call needs (layout-keeping mappers)
 
   def statics_hold(self) -> bool:
     """Whether every Python-valued state read still holds the value this entry was traced for."""
@@ -137,6 +138,15 @@ def _refs(values: Sequence[Any]) -> list:
 
 class _Retrace(Exception):
   """A program was asked to trace for other input types than it was built for."""
+
+
+def _same_layouts(vals: list, layouts: list) -> bool:
+  """Whether each value has the very sharding object of `layouts` (a program's outputs keep
+  theirs from call to call, so this is the common case)."""
+  try:
+    return all(map(operator.is_, map(array_sharding, vals), layouts))
+  except AttributeError:   # a state now holds something other than a jax.Array
+    return False
 
 
 def _guarded(program: Callable) -> Callable:
@@ -401,6 +411,8 @@ class StatefulMapping:
       with _call_lock:
         vals = [s._value for s in entry.in_states]
         try:
+          if entry.layouts is not None and not _same_layouts(vals, entry.layouts):
+            raise _Retrace   # jax.jit takes another sharding, but the program keeps the old one
           outs = entry.fn(*args, *vals)
         except _Retrace:
           self._undirect()
@@ -473,7 +485,7 @@ class StatefulMapping:
       if entry.direct and self._direct_pays() and not kwargs and (
           not self._has_static) and (leaves is args or (
               len(leaves) == len(args) and all(map(operator.is_, leaves, args)))):
-        self._direct = entry
+        self._make_direct(entry)
     if entry.local_io:
       outs = to_local(list(outs[:n]))
     return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
@@ -490,6 +502,14 @@ class StatefulMapping:
       for state, value in zip(states, moved[n:]):
         state._value = value
     return moved[:n], moved[n:]
+
+  def _make_direct(self, entry: _Entry) -> None:
+    if self._mapper.keeps_layout:   # a state resharded since must go the checked way
+      vals = [s._value for s in entry.in_states]
+      if not all(isinstance(v, _ArrayImpl) for v in vals):
+        return
+      entry.layouts = list(map(array_sharding, vals))
+    self._direct = entry
 
   def _undirect(self) -> None:
     """The direct path's entry met other types: the call goes on as a checked one."""
@@ -914,9 +934,9 @@ class StatefulMapping:
     donate = self._donate_slots(args, in_states, out_states, len(leaves))
     entry = _Entry(mapper.plan(_guarded(program), layout, donate), tuple(map(self._sig, vals)),
                    vals, local_io=layout.local_io)
-    # A direct call leaves checking the types to jax.jit; a state's sharding, the context mesh,
+    # A direct call leaves checking the types to jax.jit; the context mesh,
     # a Python value read or each process's part of the arguments need the checked path.
-    entry.direct = (entry.plan.kind != 'custom' and not mapper.keeps_layout and
+    entry.direct = (entry.plan.kind != 'custom' and
                     not layout.static_reads and not layout.static_writes and
                     not layout.local_io and not mapper.follows_context and
                     not mapper.spans_processes())
