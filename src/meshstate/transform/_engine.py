@@ -98,7 +98,7 @@ class _Entry:
     self.key = None
     self.stable = None  # whether a call leaves the states with the signature it was traced for
     self.direct = False  # whether calls may skip the checks and let the guarded program check
-    self.layouts = None  # the in-states' shardings a direct call needs (layout-keeping mappers)
+    self.layouts: list | None = None  # in-states' shardings a direct call needs (layout-keeping)
 
   def statics_hold(self) -> bool:
     """Whether every Python-valued state read still holds the value this entry was traced for."""
