@@ -134,19 +134,44 @@ def test_jit_and_unchecked_shard_map_trace_once():
   close(count.value, 4.0 + N)
 
 
-def test_reads_inside_a_nested_jit_keep_the_second_trace_and_stay_correct():
-  s, traces = State(jnp.ones(3)), []
-
+def _first_read_inside(kind, s, traces):
+  """A pmap2 body whose states are first read inside a nested jit, scan, cond or for_loop."""
   def step(x):
     traces.append(1)
-    s.value = jax.jit(lambda v: s.value + v)(lax.psum(x, 'i'))
+    v = lax.psum(x, 'i')
+    if kind == 'jit':
+      s['w'].value = jax.jit(lambda v: s['w'].value + v)(v)
+    elif kind == 'scan':
+      c, _ = lax.scan(lambda c, _: (c + s['w'].value * s['total'].value, None), v, None, 3)
+      s['w'].value = c
+    elif kind == 'cond':
+      s['w'].value = lax.cond(v.sum() > 0, lambda: s['w'].value * 2, lambda: s['w'].value)
+    else:
+      def body(i):
+        s['w'].value = s['w'].value + v * i + s['total'].value
+      meshstate.transform.for_loop(body, jnp.arange(3))
     return x
+  return step
 
-  f = pmap2(step, axis_name='i')
-  f(jnp.ones((N, 3)))
-  f(jnp.ones((N, 3)))
-  assert len(traces) == 2
-  close(s.value, jnp.full(3, 1.0 + 2 * N))
+
+@pytest.mark.parametrize('kind', ['jit', 'scan', 'cond', 'for_loop'])
+def test_first_reads_inside_nested_bodies_trace_once_and_equal_two_traces(kind, monkeypatch):
+  def run(lift):
+    if not lift:
+      monkeypatch.setattr(_engine, 'Reader', _NoLift)
+    s = dict(w=State(jnp.ones(3)), total=State(jnp.full((), 0.5)))
+    traces = []
+    f = pmap2(_first_read_inside(kind, s, traces), axis_name='i')
+    x = jnp.arange(N * 3.0).reshape(N, 3) / 10
+    outs = [f(x), f(x + 1)]
+    monkeypatch.undo()
+    return outs, np.asarray(s['w'].value), len(traces)
+
+  outs, w, traces = run(lift=True)
+  outs2, w2, traces2 = run(lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  close(w, w2)
 
 
 def test_explicit_mesh_state_keeps_the_second_trace(monkeypatch):

@@ -379,15 +379,16 @@ def test_failure_on_a_later_call_keeps_the_last_good_values():
 
 def test_failure_while_building_the_program_is_atomic():
   # discovery succeeds, the second (program) trace raises: nothing may leak out of either.
-  # Reading the state inside a nested jax.jit keeps the program a second trace of the body.
+  # A meshstate transform called in the body keeps the program a second trace of the body.
   rs = RandomState(2)
   s = State(jnp.zeros(3))
   before = snapshot(rs, s)
   runs = []
+  add = meshstate.transform.jit(lambda total: s.value + total)
 
   def step(v):
     runs.append(1)
-    s.value = jax.jit(lambda total: s.value + total)(lax.psum(v, 'i'))
+    s.value = add(lax.psum(v, 'i'))
     v = v + jax.random.uniform(rs.split_key())
     if len(runs) == 2:
       raise RuntimeError('second trace')

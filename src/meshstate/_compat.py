@@ -16,7 +16,8 @@ from typing import Any
 import jax
 
 __all__ = ['MIN_JAX', 'ArrayImpl', 'array_sharding', 'ShapedArray', 'vma', 'bound_axis_names',
-           'tracer_kind', 'scan_counts', 'distributed_client', 'api_boundary', 'hide_frames_of']
+           'tracer_kind', 'scan_counts', 'current_trace', 'at_trace', 'distributed_client',
+           'api_boundary', 'hide_frames_of']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -54,7 +55,8 @@ array_sharding = operator.attrgetter('_sharding' if hasattr(ArrayImpl, '_shardin
 _distributed = _private('jax._src.distributed', 'global_state')   # the coordination service
 _traceback = _private('jax._src.traceback_util', 'api_boundary', 'register_exclusion')
 api_boundary = _traceback.api_boundary
-_core = _private('jax._src.core', 'ShapedArray', 'ManualAxisType', 'AxisEnv', 'get_axis_env')
+_core = _private('jax._src.core', 'ShapedArray', 'ManualAxisType', 'AxisEnv', 'get_axis_env',
+                 'trace_ctx', 'set_current_trace')
 # The varying mesh axes of a value inside shard_map(check_vma=True): `aval.mat.varying`.
 if not (isinstance(getattr(_core.ShapedArray, 'mat', None), property)
         and hasattr(_core.ManualAxisType, 'varying')
@@ -63,6 +65,16 @@ if not (isinstance(getattr(_core.ShapedArray, 'mat', None), property)
                     f'AxisEnv.axis_names, which jax {jax.__version__} does not have; install a '
                     f'JAX version that meshstate supports.')
 ShapedArray = _core.ShapedArray   # the abstract value of an array, for a primitive's result
+
+
+def current_trace() -> Any:
+  """The JAX trace that operations bind to now (the innermost one being traced)."""
+  return _core.trace_ctx.trace
+
+
+def at_trace(trace: Any) -> Any:
+  """A context in which operations bind to `trace`, an enclosing trace of the current one."""
+  return _core.set_current_trace(trace)
 
 # The tracers each raw JAX transform makes, for advice on which meshstate transform to use.
 _TRACERS = (

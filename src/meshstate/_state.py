@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.extend.core import get_opaque_trace_state
 
-from meshstate._compat import tracer_kind
+from meshstate._compat import at_trace, current_trace, tracer_kind
 
 __all__ = ['State', 'ParamState', 'ShortTermState', 'LongTermState', 'HiddenState',
            'StateTraceError', 'is_static_value', 'traced_write_error', 'in_frame_trace']
@@ -90,10 +90,12 @@ class Frame:
     self.touched: dict[State, None] = {}  # reads and writes, first touch first
     self.created: set[int] = set()
     self.parent: Frame | None = None
-    self.trace: Any = None   # the JAX trace the frame was entered in
+    self.trace: Any = None   # the JAX trace the frame was entered in (opaque)
+    self.level: Any = None   # the same trace, to bind views to
 
   def __enter__(self) -> 'Frame':
     self.trace = get_opaque_trace_state()
+    self.level = current_trace()
     stack = _local.stack
     self.parent = stack[-1] if stack else None
     with _frames_lock:
@@ -132,7 +134,10 @@ class Frame:
     else:
       self.reads[state] = None
       if self.view is not None:
-        base = self.view(state, base)
+        # Made at the frame's own trace level, even when first read inside a scan, cond or
+        # jax.jit body (which then closes over it): the read stays in the frame's own jaxpr.
+        with at_trace(self.level):
+          base = self.view(state, base)
     self.values[state] = base
     return base
 

@@ -5,10 +5,11 @@ result stands for the state's slot (one equation per leaf of its value). When ev
 lands in the top-level jaxpr, they become the jaxpr's extra inputs, and the program evaluates that
 jaxpr on the real slots: the user's Python body runs once per call signature. (Under
 `shard_map(check_vma=True)` the probe is traced inside the shard_map body, and the slots are
-typed like the views, varying axes included.) A read that happens inside a `scan`/`cond`/`jit`
-body, a nested meshstate call, or a value typed with an Explicit-axis mesh (whose sharding type
-a lane trace does not carry) leaves the reader unusable, and the engine traces the body a second
-time to build the program, as before.
+typed like the views, varying axes included.) A state first read inside a `scan`/`cond`/`jit`
+body is still read at the top level: a frame makes its views at its own trace level
+(`Frame.read`), and the inner body closes over them. A nested meshstate call, or a value typed
+with an Explicit-axis mesh (whose sharding type a lane trace does not carry) leaves the reader
+unusable, and the engine traces the body a second time to build the program, as before.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class Reader:
     jaxpr = closed.jaxpr
     reads = {e.params['slot']: e for e in jaxpr.eqns if e.primitive is read_p}
     if len(reads) != sum(self.leaves) or len(jaxpr.invars) != n_args:
-      return None   # a read inside a sub-jaxpr (scan, cond, jit ...) or a repeated one
+      return None   # a read left inside a sub-jaxpr, or a repeated one
     slots = [reads[(k, i)].outvars[0] for k, n in enumerate(self.leaves) for i in range(n)]
     lifted = jaxpr.replace(invars=[*jaxpr.invars, *slots],
                            eqns=[e for e in jaxpr.eqns if e.primitive is not read_p])
