@@ -135,7 +135,15 @@ def test_jit_and_unchecked_shard_map_trace_once():
 
 
 def _first_read_inside(kind, s, traces):
-  """A pmap2 body whose states are first read inside a nested jit, scan, cond or for_loop."""
+  """A pmap2 body whose states are first read inside a nested jit, scan, cond, for_loop or
+  meshstate call."""
+  def nested(v):
+    s['w'].value = s['w'].value * s['total'].value + v
+    return v.sum()
+
+  reader = vmap2(lambda v: (s['w'].value * s['total'].value * v).sum(), in_axes=0)
+  inner = jit(nested) if kind == 'meshstate.jit' else lambda v: reader(jnp.stack([v, -v])).sum()
+
   def step(x):
     traces.append(1)
     v = lax.psum(x, 'i')
@@ -146,6 +154,8 @@ def _first_read_inside(kind, s, traces):
       s['w'].value = c
     elif kind == 'cond':
       s['w'].value = lax.cond(v.sum() > 0, lambda: s['w'].value * 2, lambda: s['w'].value)
+    elif kind in ('meshstate.jit', 'vmap2'):
+      return x + inner(v)
     else:
       def body(i):
         s['w'].value = s['w'].value + v * i + s['total'].value
@@ -154,7 +164,7 @@ def _first_read_inside(kind, s, traces):
   return step
 
 
-@pytest.mark.parametrize('kind', ['jit', 'scan', 'cond', 'for_loop'])
+@pytest.mark.parametrize('kind', ['jit', 'scan', 'cond', 'for_loop', 'meshstate.jit', 'vmap2'])
 def test_first_reads_inside_nested_bodies_trace_once_and_equal_two_traces(kind, monkeypatch):
   def run(lift):
     if not lift:

@@ -115,7 +115,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class _Calls(threading.local):
-  nested = 0   # nested calls traced by this thread (one in a discovery keeps its second trace)
+  meshes = 0   # nested calls traced by this thread whose plan differs in a discovery
 
 
 _calls = _Calls()
@@ -595,7 +595,8 @@ class StatefulMapping:
 
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
-    _calls.nested += 1
+    if self._mapper.nested_plan_differs:
+      _calls.meshes += 1
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
     if (entry.out_states or entry.static_writes) and not in_frame_trace():
       raise traced_write_error(f'{self.name} writes states and was called inside a meshstate '
@@ -891,7 +892,7 @@ class StatefulMapping:
     lifts = not _local.stack and mapper.lifts(layout) and not any(map(explicitly_typed, leaves))
     while True:
       reader = Reader() if lifts else None
-      nested = _calls.nested
+      meshes = _calls.meshes
       view = self._viewer(layout, paths, fed, reader)
       try:
         disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view)
@@ -927,7 +928,7 @@ class StatefulMapping:
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = None
-    if reader is not None and _calls.nested == nested:   # a nested call runs as its own program
+    if reader is not None and _calls.meshes == meshes:   # no nested pmap2 or shard_map
       program = reader.program(disc, len(leaves), out_states, random_in, self._lane_names(layout))
     if program is None:
       program = self._program(body, random_in, layout, disc.out_avals)

@@ -6,10 +6,11 @@ lands in the top-level jaxpr, they become the jaxpr's extra inputs, and the prog
 jaxpr on the real slots: the user's Python body runs once per call signature. (Under
 `shard_map(check_vma=True)` the probe is traced inside the shard_map body, and the slots are
 typed like the views, varying axes included.) A state first read inside a `scan`/`cond`/`jit`
-body is still read at the top level: a frame makes its views at its own trace level
-(`Frame.read`), and the inner body closes over them. A nested meshstate call, or a value typed
-with an Explicit-axis mesh (whose sharding type a lane trace does not carry) leaves the reader
-unusable, and the engine traces the body a second time to build the program, as before.
+body, or by a nested meshstate call, is still read at the top level: a frame makes its views at
+its own trace level (`Frame.read`), and the inner body closes over them. A value typed with an
+Explicit-axis mesh (whose sharding type a lane trace does not carry) leaves the reader
+unusable, and so does a nested `pmap2`/`shard_map` (which plans a `vmap` while discovered):
+the engine then traces the body a second time to build the program, as before.
 """
 from __future__ import annotations
 

@@ -121,6 +121,7 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
   check_vma = True
+  nested_plan_differs = True
 
   def mesh_and_specs(self, layout) -> tuple[Mesh, frozenset, tuple, tuple]:
     """`(mesh, manual axes, in_specs, out_specs)` for `layout`."""
