@@ -36,6 +36,15 @@ def _accumulator(donate=False):
   return f, acc, calls, traces
 
 
+def _warm():
+  """The accumulator after two calls (the second a direct one), and its argument."""
+  f, acc, calls, traces = _accumulator()
+  x = rand(N, 3)
+  f(x)
+  f(x)
+  return f, acc, calls, traces, x
+
+
 @pytest.mark.parametrize('donate', [False, True])
 def test_state_replaced_by_another_shape_traces_anew(donate):
   f, acc, calls, traces = _accumulator(donate)
@@ -54,10 +63,7 @@ def test_state_replaced_by_another_shape_traces_anew(donate):
 
 
 def test_state_replaced_by_another_sharding_is_laid_out_again():
-  f, acc, calls, traces = _accumulator()
-  x = rand(N, 3)
-  f(x)
-  f(x)
+  f, acc, calls, traces, x = _warm()
   sharded = acc.value.sharding
   mesh = Mesh(np.array(jax.devices()), ('i',))
   for value in (jax.device_put(acc.value, NamedSharding(mesh, P())),   # replicated
@@ -103,10 +109,7 @@ def test_vmap2_follows_a_read_state_replaced_by_another_dtype_or_shape():
 
 
 def test_non_array_argument_after_direct_calls_names_it():
-  f, acc, calls, traces = _accumulator()
-  x = rand(N, 3)
-  f(x)
-  f(x)
+  f, acc, calls, traces, x = _warm()
   before = np.asarray(acc.value)
   with pytest.raises(TypeError, match=r'step: argument args\[0\] is a str, not an array'):
     f('abc')
@@ -116,10 +119,7 @@ def test_non_array_argument_after_direct_calls_names_it():
 
 
 def test_raw_jax_jit_around_a_warm_call_raises_and_leaves_the_states():
-  f, acc, calls, traces = _accumulator()
-  x = rand(N, 3)
-  f(x)
-  f(x)
+  f, acc, calls, traces, x = _warm()
   before = np.asarray(acc.value)
   with pytest.raises(StateTraceError, match='meshstate equivalent'):
     jax.jit(f)(x)
@@ -142,10 +142,7 @@ def test_argument_committed_to_one_device_is_moved_onto_the_mesh():
 
 
 def test_wrong_number_of_arguments_after_direct_calls_is_the_functions_error():
-  f, acc, calls, traces = _accumulator()
-  x = rand(N, 3)
-  f(x)
-  f(x)
+  f, acc, calls, traces, x = _warm()
   before = np.asarray(acc.value)
   with pytest.raises(TypeError, match='positional argument'):
     f(x, x)
@@ -155,10 +152,7 @@ def test_wrong_number_of_arguments_after_direct_calls_is_the_functions_error():
 
 
 def test_cache_clear_between_direct_calls_traces_again():
-  f, acc, calls, traces = _accumulator()
-  x = rand(N, 3)
-  f(x)
-  f(x)
+  f, acc, calls, traces, x = _warm()
   f.cache_clear()
   close(f(x), x * 2)
   close(acc.value, 3 * np.asarray(x))
