@@ -177,10 +177,15 @@ def _values(states: Sequence[State]) -> list:
   return [s._value for s in states]
 
 
-def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
-  """Write the states back, all or none of them (plain slot stores: the fastest Python has)."""
+def _write(entry: '_Entry', outs: Sequence[Any], vals: list, name: str) -> Sequence[Any]:
+  """Write the states back from the program's outputs `outs`, all or none of them (plain slot
+  stores: the fastest Python has); returns their new values. `name` is the caller's, for the
+  error when the outputs are tracers (the program ran under a raw JAX transform)."""
+  new = outs[entry.n_out:]
+  if type(new[0]) is not _ArrayImpl and _traced(new):
+    raise traced_write_error(f'{name} was called', new)
   states = entry.out_states
-  old = vals if entry.rewrites_all else [s._value for s in states]
+  old = vals if entry.rewrites_all else _values(states)
   try:
     for state, value in zip(states, new):
       state._value = value
@@ -188,6 +193,7 @@ def _write(entry: '_Entry', new: Sequence[Any], vals: list) -> None:
     for state, value in zip(states, old):
       state._value = value
     raise
+  return new
 
 
 def _shape(value: Any) -> tuple:
@@ -420,13 +426,9 @@ class StatefulMapping:
           pass                            # path names the argument, or moves the values
         else:
           self._ncalls += 1
-          n = entry.n_out
           if entry.out_states:
-            new = outs[n:]
-            if type(new[0]) is not _ArrayImpl and _traced(new):
-              raise traced_write_error(f'{self.name} was called', new)
-            _write(entry, new, vals)
-          return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:n])
+            _write(entry, outs, vals, self.name)
+          return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:entry.n_out])
     return self._checked(*args, **kwargs)
 
   def _checked(self, *args, **kwargs):
@@ -465,10 +467,7 @@ class StatefulMapping:
         outs = entry.fn(*leaves, *vals)
       n, last = entry.n_out, None
       if entry.out_states:
-        new = outs[n:]
-        if type(new[0]) is not _ArrayImpl and _traced(new):
-          raise traced_write_error(f'{self.name} was called', new)
-        _write(entry, new, vals)
+        new = _write(entry, outs, vals, self.name)
         if entry.rewrites_all:
           last = new
       for state, value in entry.static_writes:
@@ -497,15 +496,14 @@ class StatefulMapping:
     """
     n = len(leaves)
     moved = jax.device_put([*leaves, *vals], list(entry.plan.in_shardings))
-    states = entry.in_states
     if not _traced(moved[n:]):
-      for state, value in zip(states, moved[n:]):
+      for state, value in zip(entry.in_states, moved[n:]):
         state._value = value
     return moved[:n], moved[n:]
 
   def _make_direct(self, entry: _Entry) -> None:
     if self._mapper.keeps_layout:   # a state resharded since must go the checked way
-      vals = [s._value for s in entry.in_states]
+      vals = _values(entry.in_states)
       if not all(isinstance(v, _ArrayImpl) for v in vals):
         return
       entry.layouts = list(map(array_sharding, vals))
@@ -559,8 +557,8 @@ class StatefulMapping:
     if moved is not None:   # typed with another Explicit mesh: moved onto the plan's own first
       return entry, moved, _values(entry.in_states)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
-      return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), list(
-          _values(entry.in_states))
+      return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), _values(
+          entry.in_states)
     if not kwargs and not self._has_static and len(leaves) == len(args) and all(
         map(operator.is_, leaves, args)):
       self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
