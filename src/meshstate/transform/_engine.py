@@ -177,23 +177,23 @@ def _values(states: Sequence[State]) -> list:
   return [s._value for s in states]
 
 
-def _write(entry: '_Entry', outs: Sequence[Any], vals: list, name: str) -> Sequence[Any]:
-  """Write the states back from the program's outputs `outs`, all or none of them (plain slot
-  stores: the fastest Python has); returns their new values. `name` is the caller's, for the
-  error when the outputs are tracers (the program ran under a raw JAX transform)."""
-  new = outs[entry.n_out:]
-  if type(new[0]) is not _ArrayImpl and _traced(new):
-    raise traced_write_error(f'{name} was called', new)
+def _write(entry: '_Entry', outs: Sequence[Any], vals: list, name: str) -> None:
+  """Write the states back from the program's outputs `outs` (those after its `n_out` own),
+  all or none of them, by plain slot stores. `name` is the caller's, for the error when the
+  outputs are tracers (the program ran under a raw JAX transform)."""
+  i = entry.n_out
+  if type(outs[i]) is not _ArrayImpl and _traced(outs[i:]):
+    raise traced_write_error(f'{name} was called', outs[i:])
   states = entry.out_states
   old = vals if entry.rewrites_all else _values(states)
   try:
-    for state, value in zip(states, new):
-      state._value = value
+    for state in states:   # by index: zip over a slice costs the hot path 3x as much
+      state._value = outs[i]
+      i += 1
   except BaseException:   # KeyboardInterrupt included: no state is left half written
     for state, value in zip(states, old):
       state._value = value
     raise
-  return new
 
 
 def _shape(value: Any) -> tuple:
@@ -467,9 +467,9 @@ class StatefulMapping:
         outs = entry.fn(*leaves, *vals)
       n, last = entry.n_out, None
       if entry.out_states:
-        new = _write(entry, outs, vals, self.name)
+        _write(entry, outs, vals, self.name)
         if entry.rewrites_all:
-          last = new
+          last = outs[n:]
       for state, value in entry.static_writes:
         state._value = value
       if hit and entry.keeps_reads and entry.stable:
