@@ -16,10 +16,13 @@ each round's difference and ratio), and writes JSON. Every variant's states are 
 the run (each call adds 1 to every element).
 
 `--profile` instead prints meshstate's own Python time per cached call, with the program replaced
-by a stub (see README, "Where the microseconds go").
+by a stub; `--ablate` times the program by hand with each piece of `pmap2`'s call added alone
+(the lock, the API boundary that filters tracebacks), beside an A/A control (see README,
+"Where the microseconds go").
 
   python bench/dispatch.py [--states 1,16,256,4096] [--rounds 15] [--calls 20] [--quick]
   python bench/dispatch.py --profile [--states 1,256]
+  python bench/dispatch.py --ablate [--states 1] [--rounds 1000]
 """
 from __future__ import annotations
 
@@ -72,20 +75,65 @@ def meshstate_case(n_states, x, donate):
                 lambda k: _expect([s.value for s in _ends(states)], k))
 
 
-def program_case(n_states, x, donate):
-  """meshstate's own compiled program, called by hand: the states read, passed and stored back
-  with no lock, cache or check. What `pmap2` adds over this is the Python of its call."""
+def _by_hand(n_states, x, donate):
+  """meshstate's own compiled program for the step, as a call that reads the states, passes
+  them and stores the results back (the slot stores `pmap2` makes), with no lock, cache or
+  check; returns (call(x), states, calls made so far)."""
   f, states = meshstate_step(n_states, x, donate)
   f(x)
   f(x)
   fn = f._direct.fn   # private: the program the cached call runs (this benchmark only)
 
-  def call():
+  def call(x):
     outs = fn(x, *[s._value for s in states])
-    for s, v in zip(states, outs[1:]):
-      s._value = v
+    i = 1
+    for s in states:
+      s._value = outs[i]
+      i += 1
     return outs[0]
-  return T.Case('pmap2 program', call, lambda k: _expect([s.value for s in _ends(states)], k + 2))
+  return call, states, 2
+
+
+def program_case(n_states, x, donate, name='pmap2 program', wrap=None):
+  """The program called by hand (what `pmap2` adds over it is the Python of its call), or with
+  `wrap(call)` around that call: one piece of `pmap2`'s call, for `--ablate`."""
+  call, states, made = _by_hand(n_states, x, donate)
+  call = wrap(call) if wrap else call
+  return T.Case(name, lambda: call(x),
+                lambda k: _expect([s.value for s in _ends(states)], k + made))
+
+
+def _locked(call):
+  from meshstate.transform._engine import _call_lock   # private: the lock a call holds
+
+  def locked(x):
+    with _call_lock:
+      return call(x)
+  return locked
+
+
+def ablation(args, failures: T.Failures) -> list[dict]:
+  """The pieces of a cached `pmap2` call, each added alone to the program called by hand, in
+  one interleaved run: what each costs in place, right after a dispatch (see README)."""
+  from meshstate._compat import api_boundary
+  mesh, x = _mesh_and_input()
+  rows = []
+  for n_states in args.states:
+    for donate in args.donate:
+      cases = [shard_map_case(n_states, x, mesh, donate),
+               program_case(n_states, x, donate, 'by hand'),
+               program_case(n_states, x, donate, 'by hand, again'),   # the A/A control
+               program_case(n_states, x, donate, '+ lock', _locked),
+               program_case(n_states, x, donate, '+ API boundary', api_boundary),
+               program_case(n_states, x, donate, '+ both', lambda c: api_boundary(_locked(c))),
+               meshstate_case(n_states, x, donate)]
+      for case in cases:
+        case.call = failures.wrap(case.name, case.call)
+      times = T.interleave(cases, args.rounds, args.calls, failures,
+                           label=f'{n_states} states: ', target_s=args.target_ms / 1e3)
+      for row in T.summarize(times, 'jit(shard_map)'):
+        rows.append({'states': n_states, 'donated': 'yes' if donate else 'no', **row})
+  return rows
 
 
 def shard_map_case(n_states, x, mesh, donate):
@@ -222,6 +270,8 @@ def main(argv=None) -> int:
   p.add_argument('--pmap-max-states', type=int, default=256)
   p.add_argument('--profile', action='store_true',
                  help="only meshstate's Python time per call, the program stubbed out")
+  p.add_argument('--ablate', action='store_true',
+                 help="the pieces of pmap2's call added one at a time to the program by hand")
   args = p.parse_args(argv)
   if args.quick:
     args.states, args.donate, args.rounds, args.calls = '1', 'yes,no', 3, 5
@@ -232,8 +282,12 @@ def main(argv=None) -> int:
                                   ('python_us', 'Python µs/call', '.2f'),
                                   ('stub_us', 'stub µs', '.2f')])
     return 0
+  ablate = T.run(args, 'dispatch_ablation', ablation, COLUMNS, rounds=args.rounds,
+                 calls_per_round=args.calls) if args.ablate or args.quick else 0
+  if args.ablate:
+    return ablate
   return T.run(args, 'dispatch', measure, COLUMNS, rounds=args.rounds,
-               calls_per_round=args.calls)
+               calls_per_round=args.calls) or ablate
 
 
 if __name__ == '__main__':
