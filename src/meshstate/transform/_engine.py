@@ -32,7 +32,7 @@ from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
-from meshstate.transform._lift import Reader, explicitly_typed
+from meshstate.transform._lift import Reader
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
@@ -887,9 +887,10 @@ class StatefulMapping:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
-    lifts = not _local.stack and mapper.lifts(layout) and not any(map(explicitly_typed, leaves))
+    blocks = None if _local.stack else mapper.unliftable(layout)
+    lifts = blocks is not None and not any(map(blocks, leaves))
     while True:
-      reader = Reader() if lifts else None
+      reader = Reader(blocks) if lifts else None
       meshes = _calls.meshes
       view = self._viewer(layout, paths, fed, reader)
       try:

@@ -7,10 +7,12 @@ jaxpr on the real slots: the user's Python body runs once per call signature. (U
 `shard_map(check_vma=True)` the probe is traced inside the shard_map body, and the slots are
 typed like the views, varying axes included.) A state first read inside a `scan`/`cond`/`jit`
 body, or by a nested meshstate call, is still read at the top level: a frame makes its views at
-its own trace level (`Frame.read`), and the inner body closes over them. A value typed with an
-Explicit-axis mesh (whose sharding type a lane trace does not carry) leaves the reader
-unusable, and so does a nested `pmap2`/`shard_map` (which plans a `vmap` while discovered):
-the engine then traces the body a second time to build the program, as before.
+its own trace level (`Frame.read`), and the inner body closes over them. A value whose type
+in the program carries an Explicit mesh axis, which a lane trace does not give it, leaves the
+reader unusable (the mapper says which values: `Mapper.unliftable`; inside a `shard_map` whose
+Explicit axes are all manual no value does), and so does a nested `pmap2`/`shard_map` (which
+plans a `vmap` while discovered): the engine then traces the body a second time to build the
+program, as before.
 """
 from __future__ import annotations
 
@@ -47,9 +49,10 @@ def explicitly_typed(x: Any) -> bool:
 class Reader:
   """Hands out the discovery view of each state read, and builds the program from the trace."""
 
-  def __init__(self):
+  def __init__(self, blocks: Callable[[Any], bool] = explicitly_typed):
     self.states: list = []          # states read, in first-read order
     self.leaves: list[int] = []     # leaves of each one's value
+    self.blocks = blocks            # whether a value read keeps the trace from lifting
     self.usable = True
 
   def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple] | None = None,
@@ -66,7 +69,7 @@ class Reader:
 
   def _slots(self, state: Any, value: Any, aval: Callable[[Any], Any], axes: frozenset) -> Any:
     leaves, tree = jax.tree.flatten(value)
-    if any(map(explicitly_typed, leaves)):
+    if any(map(self.blocks, leaves)):
       self.usable = False
     k = len(self.states)
     self.states.append(state)

@@ -75,9 +75,14 @@ class Mapper:
     """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""
     return trace_mapped(probe, slots, layout)
 
-  def lifts(self, layout: Any) -> bool:
-    """Whether the discovery jaxpr can be the program (`_lift.py`): traced on untyped lanes."""
-    return True
+  def unliftable(self, layout: Any) -> Callable[[Any], bool] | None:
+    """What keeps the discovery jaxpr from being the program (`_lift.py`): a test of each
+    argument and state value, or None when no program of this layout can be lifted.
+
+    Discovery traces untyped lanes, so by default a value typed by an Explicit-axis mesh
+    (whose sharding is part of its type in the program) keeps it from lifting.
+    """
+    return explicitly_typed
 
   def plan(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Plan:
     raise NotImplementedError

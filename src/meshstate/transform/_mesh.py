@@ -118,6 +118,10 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
   return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
 
 
+def _never(_: Any) -> bool:
+  return False
+
+
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
   check_vma = True
@@ -155,10 +159,14 @@ class _ShardMapMapper(Mapper):
                    for v, s in zip(slots, in_specs))
     return mapped, fit
 
-  def lifts(self, layout) -> bool:
-    # Inside shard_map values carry the types of an Explicit mesh, which a trace on lane
-    # shapes does not give them: such programs are traced in place.
-    return AxisType.Explicit not in tuple(self.mesh_and_specs(layout)[0].axis_types)
+  def unliftable(self, layout):
+    # Inside shard_map a value keeps the types of the mesh's Explicit axes that are not manual
+    # there, which a trace on lane shapes does not give it: such programs are traced in place.
+    # When every Explicit axis is manual, the body's values are untyped whatever their
+    # arguments' types were, and any program lifts.
+    mesh, manual = self.mesh_and_specs(layout)[:2]
+    typed = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    return _never if typed <= manual else None
 
   def trace_blocks(self, probe, slots, layout) -> Traced:
     """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies.
