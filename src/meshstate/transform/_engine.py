@@ -888,9 +888,10 @@ class StatefulMapping:
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
     blocks = None if _local.stack else mapper.unliftable(layout)
-    lifts = blocks is not None and not any(map(blocks, leaves))
+    if blocks is not None and any(map(blocks, leaves)):
+      blocks = None
     while True:
-      reader = Reader(blocks) if lifts else None
+      reader = None if blocks is None else Reader(blocks)
       meshes = _calls.meshes
       view = self._viewer(layout, paths, fed, reader)
       try:
