@@ -192,6 +192,51 @@ def test_pmap2_accepts_input_sharded_on_explicit_mesh():
   close(out, x * 2 + x.sum(axis=0))
 
 
+def _on_another_explicit_mesh(value):
+  """`value` laid out along 'e' of a 1-D Explicit mesh of all devices (its type says so)."""
+  other = jax.make_mesh((N,), ('e',), axis_types=(jax.sharding.AxisType.Explicit,))
+  return jax.device_put(value, NamedSharding(other, P('e')))
+
+
+def _accumulator(kind, w):
+  def step(v):
+    w.value = w.value + v
+    return v * 2
+  own = jax.sharding.Mesh(np.array(jax.devices()), ('i',))
+  if kind.startswith('shard_map'):
+    return meshstate.transform.shard_map(step, own, P('i'), P('i'), state_in_specs={w: P('i')},
+                                         state_out_specs={w: P('i')},
+                                         check_vma=kind == 'shard_map')
+  return pmap2(step, axis_name='i', state_in_axes={0: w}, state_out_axes={0: w},
+               mesh=own if kind == 'pmap2(mesh=)' else None)
+
+
+@pytest.mark.parametrize('kind', ['pmap2', 'pmap2(mesh=)', 'shard_map', 'shard_map unchecked'])
+def test_state_typed_by_another_explicit_mesh_is_moved_onto_the_mapping_mesh(kind):
+  # JAX's shard_map fails on such a value (a KeyError naming the other mesh's axis).
+  x = rand(N, 2)
+  w = State(_on_another_explicit_mesh(jnp.zeros((N, 2))))
+  f = _accumulator(kind, w)
+  close(f(jnp.asarray(x)), 2 * x)
+  f(jnp.asarray(x))
+  f(jnp.asarray(x))   # a direct call
+  assert w.value.sharding.mesh.axis_names == ('i',)
+  w.value = _on_another_explicit_mesh(w.value)   # replaced between two direct calls
+  f(jnp.asarray(x))
+  close(w.value, 4 * x)
+  assert w.value.sharding.mesh.axis_names == ('i',)
+
+
+def test_shard_map_moves_an_argument_typed_by_another_explicit_mesh():
+  x = rand(N, 2)
+  w = State(jnp.zeros((N, 2)))
+  for check in ('shard_map', 'shard_map unchecked'):
+    f = _accumulator(check, w)
+    close(f(_on_another_explicit_mesh(jnp.asarray(x))), 2 * x)
+    close(f(_on_another_explicit_mesh(jnp.asarray(x))), 2 * x)
+  close(w.value, 4 * x)
+
+
 # -- random draws on a multi-axis mesh ------------------------------------------------------------
 
 def test_random_key_already_on_explicit_mesh():

@@ -34,7 +34,7 @@ from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
 from meshstate.transform._lift import Reader
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
-from meshstate.transform._mesh import NeedAxis, context_key
+from meshstate.transform._mesh import NeedAxis, context_key, typed_elsewhere
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
                                             to_local)
 from meshstate.transform._plan import Plan
@@ -422,8 +422,10 @@ class StatefulMapping:
           outs = entry.fn(*args, *vals)
         except _Retrace:
           self._undirect()
-        except (TypeError, ValueError):   # not a JAX type, or laid out elsewhere: the checked
-          pass                            # path names the argument, or moves the values
+        # Not a JAX type, or laid out elsewhere (JAX's shard_map raises KeyError on a value
+        # typed by another Explicit mesh): the checked path names the argument, or moves it.
+        except (TypeError, ValueError, KeyError):
+          pass
         else:
           self._ncalls += 1
           if entry.out_states:
@@ -495,7 +497,7 @@ class StatefulMapping:
     The states are left holding their moved values, as after a first call.
     """
     n = len(leaves)
-    moved = jax.device_put([*leaves, *vals], list(entry.plan.in_shardings))
+    moved = jax.device_put([*leaves, *vals], list(entry.plan.slot_shardings()))
     if not _traced(moved[n:]):
       for state, value in zip(entry.in_states, moved[n:]):
         state._value = value
@@ -553,16 +555,15 @@ class StatefulMapping:
     sig = self._signature(args, kwargs)
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
-    moved = _off_mesh_explicit(leaves, entry.plan)
-    if moved is not None:   # typed with another Explicit mesh: moved onto the plan's own first
-      return entry, moved, _values(entry.in_states)
+    vals = _values(entry.in_states)
+    if _typed_off_mesh(entry.plan, leaves, vals):
+      return entry, *self._moved(entry, leaves, vals)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
-      return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), _values(
-          entry.in_states)
+      return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), vals
     if not kwargs and not self._has_static and len(leaves) == len(args) and all(
         map(operator.is_, leaves, args)):
       self._flat[key[1]] = self._cache[key]   # later calls like this one take the fast path
-    return entry, leaves, _values(entry.in_states)
+    return entry, leaves, vals
 
   def _settle(self, entry: _Entry, last: Sequence[Any]) -> None:
     """After a call: references to `last`, the values the entry's in-states hold now.
@@ -1004,7 +1005,8 @@ class StatefulMapping:
         vals[i] = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
                                      layout.size)
         placed.append(i)
-      elif any(not x.sharding.is_equivalent_to(sharding, x.ndim) for x in arrays):
+      elif any(not x.sharding.is_equivalent_to(sharding, x.ndim) or
+               typed_elsewhere(x, sharding.mesh) for x in arrays):
         moves.append(i)
     if moves:   # one batched transfer: much cheaper than one device_put per state
       moved = jax.device_put([vals[i] for i in moves], [shardings[i] for i in moves])
@@ -1171,22 +1173,14 @@ class StatefulMapping:
             f'axis_name={self.axis_name!r})')
 
 
-def _off_mesh_explicit(leaves: list, plan: Plan) -> list | None:
-  """`leaves` moved to the plan's input shardings if some carry another Explicit mesh's type.
+def _typed_off_mesh(plan: Plan, leaves: Sequence[Any], vals: list) -> bool:
+  """Whether an argument or state value carries another Explicit mesh's type than the plan's.
 
   On an Explicit-axis mesh an array's sharding is part of its type, which a program on another
-  mesh cannot take; `jax.pmap` fails on such inputs.
+  mesh cannot take (`jax.pmap` and `jax.shard_map` fail on such inputs): it is moved first.
   """
-  if plan.kind != 'shard_map' or not plan.in_shardings:
-    return None
-  def foreign(x):
-    sharding = getattr(jax.typeof(x), 'sharding', None)
-    mesh = getattr(sharding, 'mesh', None)
-    return (mesh is not None and mesh != plan.mesh and mesh.axis_names
-            and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))
-  if not any(map(foreign, leaves)):
-    return None
-  return [jax.device_put(x, s) if foreign(x) else x for x, s in zip(leaves, plan.in_shardings)]
+  return plan.kind == 'shard_map' and any(typed_elsewhere(x, plan.mesh)
+                                          for x in jax.tree.leaves([list(leaves), vals]))
 
 
 def _eval_shape(probe: Callable, leaves: list) -> None:

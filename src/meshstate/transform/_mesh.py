@@ -27,7 +27,7 @@ from meshstate.transform._discover import Traced, lane_aval, trace_lanes
 from meshstate.transform._multihost import global_devices
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key',
-           'spec_axes', 'block_shape']
+           'typed_elsewhere', 'spec_axes', 'block_shape']
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +122,16 @@ def _never(_: Any) -> bool:
   return False
 
 
+def typed_elsewhere(x: Any, mesh: Any) -> bool:
+  """Whether `x`'s type carries the sharding of an Explicit-axis mesh other than `mesh`.
+
+  Laid out over the same devices or not, such a value cannot enter a program on `mesh`.
+  """
+  own = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)  # an AbstractMesh
+  return (own is not None and bool(own.axis_names) and AxisType.Explicit in own.axis_types
+          and own != getattr(mesh, 'abstract_mesh', mesh))
+
+
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
   check_vma = True
@@ -182,6 +192,9 @@ class _ShardMapMapper(Mapper):
       return ()
     mapped, fit = self._shard_map(self._inside_fn(returns_nothing, layout, mesh), mesh, manual,
                                   in_specs, ())
+    # A value typed by another Explicit mesh is moved onto this one before each call.
+    slots = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+             if typed_elsewhere(x, mesh) else x for x, spec in zip(slots, in_specs)]
     jax.eval_shape(mapped, *(fit(*slots) if fit else slots))
     return Traced(found[0], [], frozenset(), typed=True)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jax.sharding import NamedSharding
+
 __all__ = ['Plan']
 
 
@@ -51,3 +53,9 @@ class Plan:
   in_shardings: tuple = ()
   out_shardings: tuple = ()
   spmd_axis_name: Any = None
+
+  def slot_shardings(self) -> tuple:
+    """Where the program takes each input slot: its `in_shardings`, else the mesh and specs."""
+    if self.in_shardings or self.mesh is None:
+      return self.in_shardings
+    return tuple(NamedSharding(self.mesh, spec) for spec in self.in_specs)
