@@ -216,6 +216,37 @@ def test_explicit_mesh_whose_axes_are_all_manual_traces_once(monkeypatch):
   assert len(set(np.asarray(outs[0])[:, 0].tolist())) == N   # each lane draws its own number
 
 
+def _jit_on_explicit_mesh(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4('make_mesh')
+  w = ParamState(jax.device_put(jnp.arange(12.0).reshape(3, 4),
+                                NamedSharding(mesh, P(None, 'model'))))
+  count, traces = State(jax.device_put(jnp.zeros(()), NamedSharding(mesh, P()))), []
+
+  def step(x):
+    traces.append(1)
+    w.value = w.value - 0.01 * x.T @ (x @ w.value)
+    count.value = count.value + 1
+    return (x @ w.value).sum()
+
+  f = jit(step)
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+  outs = [f(x), f(x), f(x)]
+  monkeypatch.undo()
+  return outs, (w.value, count.value), len(traces)
+
+
+def test_jit_on_an_explicit_mesh_traces_once(monkeypatch):
+  # jit's body sees whole values: discovery traces them with their Explicit types.
+  outs, states, traces = _jit_on_explicit_mesh(monkeypatch, lift=True)
+  outs2, states2, traces2 = _jit_on_explicit_mesh(monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  assert str(jax.typeof(states[0])) == 'float32[3,4@model]' and float(states[1]) == 3.0
+
+
 def _on_model_axis(monkeypatch, lift, kind='Mesh'):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)

@@ -765,8 +765,8 @@ class StatefulMapping:
     """The `view` of a discovery: lane views when mapped, else reader slots (or the values)."""
     if self._mapper.mapped:
       return lambda state, base: self._view(state, base, layout, paths, fed, reader)
-    if reader is not None:
-      return lambda state, base: reader.read(state, base)
+    if reader is not None:   # the whole value: its own type (an Explicit mesh's included)
+      return lambda state, base: reader.read_like(state, base)
     return None
 
   def _view(self, state: State, base: Any, layout: Layout, paths: dict, fed: dict,

@@ -10,7 +10,8 @@ body, or by a nested meshstate call, is still read at the top level: a frame mak
 its own trace level (`Frame.read`), and the inner body closes over them. A value whose type
 in the program carries an Explicit mesh axis, which a lane trace does not give it, leaves the
 reader unusable (the mapper says which values: `Mapper.unliftable`; inside a `shard_map` whose
-Explicit axes are all manual no value does), and so does a nested `pmap2`/`shard_map` (which
+Explicit axes are all manual no value does, nor under `jit`, whose discovery reads each value
+with its own type), and so does a nested `pmap2`/`shard_map` (which
 plans a `vmap` while discovered): the engine then traces the body a second time to build the
 program, as before.
 """

@@ -35,6 +35,10 @@ def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
   return tuple(map(_pin, outs, shardings))
 
 
+def _never(_: Any) -> bool:
+  return False
+
+
 def _drop(shape: tuple, axis: int | None) -> tuple:
   return shape if axis is None else shape[:axis] + shape[axis + 1:]
 
@@ -117,16 +121,21 @@ class VmapMapper(Mapper):
 
 
 class JitMapper(Mapper):
-  """No mapping at all: the engine of the state-aware `jit`."""
+  """No mapping at all: the engine of the state-aware `jit`.
+
+  Its body sees every value whole, so discovery traces the values' own types (an Explicit
+  mesh's shardings included) and any program lifts.
+  """
   mapped = False
   keeps_layout = True
 
   def trace(self, probe, slots, layout):
-    if any(map(explicitly_typed, slots)):   # the shardings are part of the types: keep them
-      jax.eval_shape(probe, *slots)
-      return None
-    return trace_lanes(probe, [lane_aval(x, jax.typeof(x).shape) for x in slots],
-                       [frozenset()] * len(slots), [])
+    avals = [jax.typeof(x) if explicitly_typed(x) else lane_aval(x, jax.typeof(x).shape)
+             for x in slots]
+    return trace_lanes(probe, avals, [frozenset()] * len(slots), [])
+
+  def unliftable(self, layout):
+    return _never
 
   def plan(self, body, layout, donate):
     fn = jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),
