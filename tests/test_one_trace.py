@@ -311,3 +311,36 @@ def test_checked_shard_map_traces_once(kind, monkeypatch):
   jax.tree.map(close, outs, outs2)
   jax.tree.map(close, states, states2)
   assert float(states[1]) == 2.0
+
+
+def _unchecked_explicit_shard_map(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh, spec = mesh_2x4('make_mesh'), P('data', 'model')
+  w = ParamState(jax.device_put(jnp.arange(16.0).reshape(4, 4), NamedSharding(mesh, spec)))
+  count, rng, traces = State(jnp.zeros(())), RandomState(1), []
+
+  def step(x):
+    traces.append(1)
+    total = lax.psum(x.sum(), ('data', 'model'))
+    ramp = jnp.zeros_like(x) + jnp.arange(x.shape[1])
+    carry = lax.scan(lambda a, _: (a * 0.5 + w.value, a.sum()), x, None, 2)[0]
+    w.value = w.value + total + lax.cond(total > 0, lambda: 1.0, lambda: 0.0) + ramp
+    count.value = count.value + lax.pmean(x.mean(), ('data', 'model'))
+    return carry * 2 + rng.uniform() + lax.axis_index('model')
+
+  f = shard_map(step, mesh, spec, spec, state_in_specs={w: spec}, state_out_specs={w: spec},
+                check_vma=False)
+  x = jnp.arange(16.0).reshape(4, 4) / 10
+  outs = [np.asarray(f(x)), np.asarray(f(x + 1))]
+  monkeypatch.undo()
+  return outs, (w.value, count.value), len(traces)
+
+
+def test_unchecked_shard_map_over_every_axis_of_an_explicit_mesh_traces_once(monkeypatch):
+  outs, states, traces = _unchecked_explicit_shard_map(monkeypatch, lift=True)
+  outs2, states2, traces2 = _unchecked_explicit_shard_map(monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  assert jax.typeof(states[0]).sharding.spec == P('data', 'model')

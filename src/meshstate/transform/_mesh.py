@@ -74,8 +74,9 @@ def _body_mesh(mesh: Mesh, manual: frozenset, body: bool = True):
 
   Discovery traces on lane values outside shard_map; tracing it under this mesh records, in
   each equation, the context the program evaluates it in when the trace is lifted to the
-  program (collectives on a partly manual mesh lower against the other axes). Explicit-axis
-  meshes are never lifted, and their values keep their own mesh type: no context for them.
+  program (collectives on a partly manual mesh lower against the other axes). On an
+  Explicit-axis mesh values keep their own mesh type: no context for them. (Such a trace lifts
+  only when every Explicit axis is manual, where the body's values are untyped either way.)
   """
   if not body or AxisType.Explicit in tuple(mesh.axis_types):
     return contextlib.nullcontext()
