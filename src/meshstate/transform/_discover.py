@@ -16,13 +16,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from meshstate._compat import vma
 from meshstate._state import Frame, State, is_static_value
 from meshstate.transform._varying import varying_axes
 
 __all__ = ['Discovery', 'Traced', 'discover', 'vary', 'lane_key', 'lane_slice', 'placeholder',
-           'vma_of', 'lane_aval', 'trace_lanes']
+           'vma_of', 'lane_aval', 'lane_sharding', 'trace_lanes']
 
 
 def vma_of(value: Any) -> frozenset:
@@ -64,10 +65,40 @@ def lane_key(key: Any, name: Any) -> tuple[Any, Any]:
   return nxt, jax.random.fold_in(sub, lax.axis_index(name))
 
 
-def lane_aval(x: Any, shape: tuple) -> jax.ShapeDtypeStruct:
-  """The abstract value of one lane of `x`: its dtype with the lane's `shape`, no sharding."""
+def lane_aval(x: Any, shape: tuple, drop: int | None = None) -> jax.ShapeDtypeStruct:
+  """The abstract value of one lane of `x`: its dtype with the lane's `shape` (dimension `drop`
+  of `x` mapped away), and the sharding `lane_sharding` gives it."""
   aval = jax.typeof(x)
-  return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=aval.weak_type)
+  return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=aval.weak_type,
+                              sharding=lane_sharding(aval, drop))
+
+
+def lane_sharding(aval: Any, drop: int | None = None) -> Any:
+  """The sharding a lane of a value of type `aval` has in a `shard_map` body on the current
+  abstract mesh, or None (untyped: no Explicit axis there).
+
+  Inside the body only the mesh's Explicit axes stay in a type (the manual ones are mapped,
+  Auto ones are not typed), so each dimension keeps those of its axes; dimension `drop`, which
+  the lane maps away, goes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == jax.sharding.AxisType.Explicit}
+  own = getattr(aval, 'sharding', None)
+  own_mesh = getattr(own, 'mesh', None)
+  if not explicit or own_mesh is None or (
+      own_mesh.axis_names, own_mesh.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
+    return None   # untyped there, or typed by another mesh (moved onto this one first)
+  spec = own.spec  # pyright: ignore[reportOptionalMemberAccess]
+  entries = [*spec, *[None] * (len(aval.shape) - len(spec))]
+  if drop is not None:
+    del entries[drop]
+  kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in explicit)
+          for e in entries]
+  if not any(kept):
+    return None
+  return jax.sharding.NamedSharding(mesh, P(*(k[0] if len(k) == 1 else k or None
+                                             for k in kept)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -794,7 +794,7 @@ class StatefulMapping:
                          f'is {layout.size} (from {where}).')
     if reader is not None:
       return reader.read(state, base, lambda shape: shape[:axis] + shape[axis + 1:],
-                         frozenset({layout.name}))
+                         frozenset({layout.name}), axis)
     return vary(lane_slice(placeholder(base), axis), layout.name)
 
   def _layout_outputs(self, disc, layout: Layout) -> list:

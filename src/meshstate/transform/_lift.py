@@ -7,11 +7,10 @@ jaxpr on the real slots: the user's Python body runs once per call signature. (U
 `shard_map(check_vma=True)` the probe is traced inside the shard_map body, and the slots are
 typed like the views, varying axes included.) A state first read inside a `scan`/`cond`/`jit`
 body, or by a nested meshstate call, is still read at the top level: a frame makes its views at
-its own trace level (`Frame.read`), and the inner body closes over them. A value whose type
-in the program carries an Explicit mesh axis, which a lane trace does not give it, leaves the
-reader unusable (the mapper says which values: `Mapper.unliftable`; inside a `shard_map` whose
-Explicit axes are all manual no value does, nor under `jit`, whose discovery reads each value
-with its own type), and so does a nested `pmap2`/`shard_map` (which
+its own trace level (`Frame.read`), and the inner body closes over them. Lanes are typed by
+the Explicit mesh axes that stay in a `shard_map` body (`lane_sharding`); a value whose type in
+the program discovery cannot know leaves the reader unusable (the mapper says which values:
+`Mapper.unliftable`), and so does a nested `pmap2`/`shard_map` (which
 plans a `vmap` while discovered): the engine then traces the body a second time to build the
 program, as before.
 """
@@ -23,7 +22,7 @@ import jax
 from jax.extend.core import ClosedJaxpr, Primitive, Var, jaxpr_as_fun
 
 from meshstate._compat import ShapedArray
-from meshstate.transform._discover import Discovery, lane_key
+from meshstate.transform._discover import Discovery, lane_key, lane_sharding
 
 __all__ = ['read_p', 'Reader', 'explicitly_typed']
 
@@ -57,12 +56,13 @@ class Reader:
     self.usable = True
 
   def read(self, state: Any, base: Any, shape: Callable[[tuple], tuple] | None = None,
-           axes: frozenset = frozenset()) -> Any:
-    """The view of `state` (value `base`): untyped leaves of the lane shape `shape(leaf shape)`
-    (the leaf's own shape without `shape`), varying over the mapped `axes`."""
+           axes: frozenset = frozenset(), drop: int | None = None) -> Any:
+    """The view of `state` (value `base`): leaves of the lane shape `shape(leaf shape)` (the
+    leaf's own shape without `shape`; dimension `drop` mapped away), typed as a lane is in a
+    `shard_map` body on the current abstract mesh (`lane_sharding`), varying over `axes`."""
     lane = shape or (lambda s: s)
-    return self._slots(state, base, lambda a: ShapedArray(lane(a.shape), a.dtype,
-                                                          weak_type=a.weak_type), axes)
+    return self._slots(state, base, lambda a: ShapedArray(
+        lane(a.shape), a.dtype, weak_type=a.weak_type, sharding=lane_sharding(a, drop)), axes)
 
   def read_like(self, state: Any, like: Any) -> Any:
     """The view of `state` as slots typed like the leaves of `like` (varying axes included)."""

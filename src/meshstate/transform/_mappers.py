@@ -45,7 +45,7 @@ def _drop(shape: tuple, axis: int | None) -> tuple:
 
 def trace_mapped(probe: Callable, slots: Sequence[Any], layout: Any) -> Traced:
   """Discovery for one mapped axis: trace on one lane's values with the axis bound."""
-  avals = [lane_aval(x, _drop(jax.typeof(x).shape, a)) for x, a in zip(slots, layout.slot_axes)]
+  avals = [lane_aval(x, _drop(jax.typeof(x).shape, a), a) for x, a in zip(slots, layout.slot_axes)]
   in_axes = [frozenset() if a is None else frozenset({layout.name}) for a in layout.slot_axes]
   return trace_lanes(probe, avals, in_axes, [(layout.name, layout.size)])
 

@@ -75,10 +75,10 @@ def _body_mesh(mesh: Mesh, manual: frozenset, body: bool = True):
   Discovery traces on lane values outside shard_map; tracing it under this mesh records, in
   each equation, the context the program evaluates it in when the trace is lifted to the
   program (collectives on a partly manual mesh lower against the other axes). On an
-  Explicit-axis mesh values keep their own mesh type: no context for them. (Such a trace lifts
-  only when every Explicit axis is manual, where the body's values are untyped either way.)
+  Explicit-axis mesh the lanes are typed by the axes that stay Explicit in the body
+  (`lane_sharding`), as the program's are.
   """
-  if not body or AxisType.Explicit in tuple(mesh.axis_types):
+  if not body:
     return contextlib.nullcontext()
   manual_mesh = mesh.abstract_mesh.update_axis_types({a: AxisType.Manual for a in manual})
   return jax.sharding.use_abstract_mesh(manual_mesh)
@@ -172,8 +172,9 @@ class _ShardMapMapper(Mapper):
 
   def unliftable(self, layout):
     # Inside shard_map a value keeps the types of the mesh's Explicit axes that are not manual
-    # there, which a trace on lane shapes does not give it: such programs are traced in place.
-    # When every Explicit axis is manual, the body's values are untyped whatever their
+    # there. Where states are first laid out by their specs, discovery's lanes (typed by the
+    # values as they come) may not be typed like the program's: such programs are traced in
+    # place. When every Explicit axis is manual, the body's values are untyped whatever their
     # arguments' types were, and any program lifts.
     mesh, manual = self.mesh_and_specs(layout)[:2]
     typed = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
@@ -253,7 +254,7 @@ class MeshMapper(_ShardMapMapper):
     if self._inner or current_mesh() is not None:
       return 1
     count, size = self._axis_devices(layout.name), layout.size
-    return size // count if size > count and size % count == 0 else 1
+    return size // count if 0 < count < size and size % count == 0 else 1
 
   def _axis_devices(self, name) -> int:
     """How many devices the mapped axis can spread over."""
@@ -290,6 +291,13 @@ class MeshMapper(_ShardMapMapper):
                  donate_argnums=donate)
     return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
                    out_shardings=outs, spmd_axis_name=layout.name)
+
+  def unliftable(self, layout):
+    # A state already on the mesh keeps its layout over the other axes (`_placed`), and `fit`
+    # reshards only the mapped axis: discovery's lanes, typed by the values as they come
+    # (`lane_sharding`), are typed like the program's. (With more lanes than devices the
+    # program is a vmap, whose lanes discovery does not type.)
+    return _never if self.lanes_per_device(layout) == 1 else super().unliftable(layout)
 
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
