@@ -345,7 +345,7 @@ def test_unchecked_shard_map_over_every_axis_of_an_explicit_mesh_traces_once(mon
   assert jax.typeof(states[0]).sharding.spec == P('data', 'model')
 
 
-def _model_sharded_step(monkeypatch, lift):
+def _model_sharded_step(kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
   mesh = mesh_2x4('make_mesh')
@@ -364,19 +364,60 @@ def _model_sharded_step(monkeypatch, lift):
     count.value = count.value + lax.psum(x.sum(), 'data')
     return (x @ w.value).sum() + rng.uniform() + lax.axis_index('data')
 
-  f = pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: h}, state_out_axes={0: h})
+  if kind == 'pmap2':
+    f = pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: h}, state_out_axes={0: h})
+  else:   # the same step per 'data' block; states laid out by their specs (w replicated)
+    f = shard_map(lambda xb: step(xb[0])[None], mesh, P('data'), P('data'),
+                  state_in_specs={h: P('data'), w: P()}, state_out_specs={h: P('data'), w: P()},
+                  axis_names={'data'}, check_vma=False)
   x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
   outs = [np.asarray(f(x)), np.asarray(f(x + 1))]
   monkeypatch.undo()
   return outs, (w.value, h.value, count.value), len(traces)
 
 
-def test_pmap2_with_model_sharded_states_on_an_explicit_mesh_traces_once(monkeypatch):
+@pytest.mark.parametrize('kind', ['pmap2', 'shard_map'])
+def test_model_sharded_states_on_an_explicit_mesh_trace_once(kind, monkeypatch):
   # 'model' stays Explicit in the body: discovery types each lane by the axes it keeps there.
-  outs, states, traces = _model_sharded_step(monkeypatch, lift=True)
-  outs2, states2, traces2 = _model_sharded_step(monkeypatch, lift=False)
+  outs, states, traces = _model_sharded_step(kind, monkeypatch, lift=True)
+  outs2, states2, traces2 = _model_sharded_step(kind, monkeypatch, lift=False)
   assert (traces, traces2) == (1, 2)
   jax.tree.map(close, outs, outs2)
   jax.tree.map(close, states, states2)
-  assert [str(jax.typeof(s)) for s in states[:2]] == ['float32[3,4@model]',
-                                                      'float32[2@data,5,4@model]']
+  want = (['float32[3,4@model]', 'float32[2@data,5,4@model]'] if kind == 'pmap2' else
+          ['float32[3,4]', 'float32[2@data,5,4]'])   # shard_map lays states out by their specs
+  assert [str(jax.typeof(s)) for s in states[:2]] == want
+
+
+def _model_typed_argument(kind, monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4('make_mesh')
+  w, count, traces = ParamState(jnp.arange(4.0)), State(jnp.zeros(())), []
+
+  def step(x):
+    traces.append(1)
+    count.value = count.value + lax.psum(x.sum(), 'data')
+    w.value = w.value + 1
+    return lax.scan(lambda a, _: (a * 0.5 + w.value, None), x, None, 2)[0]
+
+  if kind == 'shard_map':
+    f = shard_map(step, mesh, P('data'), P('data'), axis_names={'data'}, check_vma=False)
+  else:
+    f = pmap2(step, axis_name='data', mesh=mesh)
+  x = jax.device_put(jnp.arange(64.0).reshape(2, 8, 4) / 30,
+                     NamedSharding(mesh, P('data', 'model', None)))
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, (w.value, count.value), len(traces)
+
+
+@pytest.mark.parametrize('kind', ['pmap2', 'shard_map'])
+def test_an_argument_sharded_over_an_automatic_explicit_axis_traces_once(kind, monkeypatch):
+  # x keeps its 'model' layout inside the body: discovery's lane of it is typed so too.
+  outs, states, traces = _model_typed_argument(kind, monkeypatch, lift=True)
+  outs2, states2, traces2 = _model_typed_argument(kind, monkeypatch, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  assert str(jax.typeof(outs[0])) == 'float32[2@data,8@model,4]'

@@ -422,6 +422,12 @@ class SpecMapper(_ShardMapMapper):
                        f'which are not axes of the mesh {dict(mesh.shape)}.')
     return self._axis_names
 
+  def unliftable(self, layout):
+    # Unchecked, discovery types each state's lanes as its spec lays it out (`_placed_like`)
+    # and each argument's as it comes: as the program's are. A checked shard_map's state views
+    # are typed by placeholders, which carry no mesh axis.
+    return _never if not self.check_vma else super().unliftable(layout)
+
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)
     return [NamedSharding(mesh, s) for s in specs]
@@ -438,10 +444,10 @@ class SpecMapper(_ShardMapMapper):
     if self.check_vma:
       return self.trace_blocks(probe, slots, layout)
     mesh, manual, in_specs, _ = self.mesh_and_specs(layout)
-    avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
-             for x, spec in zip(slots, in_specs)]
     in_axes = [frozenset(spec_axes(spec)) for spec in in_specs]
-    with _inside(mesh, True, manual), _body_mesh(mesh, manual):
+    with _inside(mesh, True, manual), _body_mesh(mesh, manual):   # lanes typed as in the body
+      avals = [lane_aval(x, block_shape(jax.typeof(x).shape, spec, mesh))
+               for x, spec in zip(slots, in_specs)]
       return trace_lanes(probe, avals, in_axes, [(a, mesh.shape[a]) for a in sorted(manual)])
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence, overload
 
 import jax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate._state import State
 from meshstate.random import RandomState
@@ -65,7 +65,7 @@ class StatefulShardMap(StatefulMapping):
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
-    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()), ('i',))
     >>> f = meshstate.transform.StatefulShardMap(lambda x: x * 2, mesh, P('i'), P('i'))
     >>> f(jnp.ones(len(jax.devices()))).sum() == 2 * len(jax.devices())
@@ -133,10 +133,20 @@ class StatefulShardMap(StatefulMapping):
       return lane_key(key, layout.name)[1]
     spec = self._layout_state_in(state, paths, fed)
     block = functools.partial(self._block_shape, spec=spec, state=state, paths=paths)
-    if reader is not None and not typed:
-      return reader.read(state, base, block, frozenset(spec_axes(spec)))
+    if reader is not None and not typed:   # typed as laid out by its spec first (`_placed`)
+      return reader.read(state, self._placed_like(base, spec), block, frozenset(spec_axes(spec)))
     view = jax.tree.map(lambda x: _first_block(x, block, spec_axes(spec)), placeholder(base))
     return view if reader is None else reader.read_like(state, view)
+
+  def _placed_like(self, base: Any, spec: P) -> Any:
+    """`base`'s arrays as abstract values laid out on the mesh by `spec`, as a call places them."""
+    def placed(x):
+      if not isinstance(x, jax.Array):
+        return x
+      aval = jax.typeof(x)
+      return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
+                                  sharding=NamedSharding(self.mesh, spec))
+    return jax.tree.map(placed, base)
 
   def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
     """The shape of one device's block of a global `shape` laid out by `spec`."""
@@ -238,7 +248,7 @@ def shard_map(fun: Callable[..., Any] | None = None, mesh: Mesh | None = None,
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
-    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()), ('i',))
     >>> n = len(jax.devices())
     >>> w = meshstate.ParamState(jnp.zeros((n, 2)))
