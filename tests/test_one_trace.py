@@ -369,14 +369,14 @@ def _model_sharded_step(kind, monkeypatch, lift):
   else:   # the same step per 'data' block; states laid out by their specs (w replicated)
     f = shard_map(lambda xb: step(xb[0])[None], mesh, P('data'), P('data'),
                   state_in_specs={h: P('data'), w: P()}, state_out_specs={h: P('data'), w: P()},
-                  axis_names={'data'}, check_vma=False)
+                  axis_names={'data'}, check_vma=kind == 'shard_map checked')
   x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
   outs = [np.asarray(f(x)), np.asarray(f(x + 1))]
   monkeypatch.undo()
   return outs, (w.value, h.value, count.value), len(traces)
 
 
-@pytest.mark.parametrize('kind', ['pmap2', 'shard_map'])
+@pytest.mark.parametrize('kind', ['pmap2', 'shard_map', 'shard_map checked'])
 def test_model_sharded_states_on_an_explicit_mesh_trace_once(kind, monkeypatch):
   # 'model' stays Explicit in the body: discovery types each lane by the axes it keeps there.
   outs, states, traces = _model_sharded_step(kind, monkeypatch, lift=True)
@@ -401,8 +401,9 @@ def _model_typed_argument(kind, monkeypatch, lift):
     w.value = w.value + 1
     return lax.scan(lambda a, _: (a * 0.5 + w.value, None), x, None, 2)[0]
 
-  if kind == 'shard_map':
-    f = shard_map(step, mesh, P('data'), P('data'), axis_names={'data'}, check_vma=False)
+  if kind.startswith('shard_map'):
+    f = shard_map(step, mesh, P('data'), P('data'), axis_names={'data'},
+                  check_vma=kind == 'shard_map checked')
   else:
     f = pmap2(step, axis_name='data', mesh=mesh)
   x = jax.device_put(jnp.arange(64.0).reshape(2, 8, 4) / 30,
@@ -412,7 +413,7 @@ def _model_typed_argument(kind, monkeypatch, lift):
   return outs, (w.value, count.value), len(traces)
 
 
-@pytest.mark.parametrize('kind', ['pmap2', 'shard_map'])
+@pytest.mark.parametrize('kind', ['pmap2', 'shard_map', 'shard_map checked'])
 def test_an_argument_sharded_over_an_automatic_explicit_axis_traces_once(kind, monkeypatch):
   # x keeps its 'model' layout inside the body: discovery's lane of it is typed so too.
   outs, states, traces = _model_typed_argument(kind, monkeypatch, lift=True)

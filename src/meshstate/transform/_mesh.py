@@ -171,11 +171,9 @@ class _ShardMapMapper(Mapper):
     return mapped, fit
 
   def unliftable(self, layout):
-    # Inside shard_map a value keeps the types of the mesh's Explicit axes that are not manual
-    # there. Where states are first laid out by their specs, discovery's lanes (typed by the
-    # values as they come) may not be typed like the program's: such programs are traced in
-    # place. When every Explicit axis is manual, the body's values are untyped whatever their
-    # arguments' types were, and any program lifts.
+    # For lanes discovery does not type: a value keeps the types of the mesh's Explicit axes
+    # that are not manual, which such lanes lack, so the program is traced in place. When
+    # every Explicit axis is manual, values are untyped whatever their arguments' types were.
     mesh, manual = self.mesh_and_specs(layout)[:2]
     typed = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
     return _never if typed <= manual else None
@@ -423,10 +421,10 @@ class SpecMapper(_ShardMapMapper):
     return self._axis_names
 
   def unliftable(self, layout):
-    # Unchecked, discovery types each state's lanes as its spec lays it out (`_placed_like`)
-    # and each argument's as it comes: as the program's are. A checked shard_map's state views
-    # are typed by placeholders, which carry no mesh axis.
-    return _never if not self.check_vma else super().unliftable(layout)
+    # Specs name only manual axes, and a call lays each state out by its spec (`_placed`): in
+    # the body a state keeps no other axis in its type, as discovery's views (`_placed_like`,
+    # placeholders) don't; an argument keeps its other axes, and its lane is typed by them.
+    return _never
 
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)
