@@ -556,7 +556,7 @@ class StatefulMapping:
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
     vals = _values(entry.in_states)
-    if _typed_off_mesh(entry.plan, leaves, vals):
+    if _typed_off_mesh(entry.plan, leaves):
       return entry, *self._moved(entry, leaves, vals)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
       return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), vals
@@ -1173,14 +1173,14 @@ class StatefulMapping:
             f'axis_name={self.axis_name!r})')
 
 
-def _typed_off_mesh(plan: Plan, leaves: Sequence[Any], vals: list) -> bool:
-  """Whether an argument or state value carries another Explicit mesh's type than the plan's.
+def _typed_off_mesh(plan: Plan, leaves: Sequence[Any]) -> bool:
+  """Whether an argument carries another Explicit mesh's type than the plan's.
 
   On an Explicit-axis mesh an array's sharding is part of its type, which a program on another
   mesh cannot take (`jax.pmap` and `jax.shard_map` fail on such inputs): it is moved first.
+  (A state's value is part of the signature, so such a value is placed by a new entry.)
   """
-  return plan.kind == 'shard_map' and any(typed_elsewhere(x, plan.mesh)
-                                          for x in jax.tree.leaves([list(leaves), vals]))
+  return plan.kind == 'shard_map' and any(typed_elsewhere(x, plan.mesh) for x in leaves)
 
 
 def _eval_shape(probe: Callable, leaves: list) -> None:

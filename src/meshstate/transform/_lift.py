@@ -24,7 +24,7 @@ from jax.extend.core import ClosedJaxpr, Primitive, Var, jaxpr_as_fun
 from meshstate._compat import ShapedArray
 from meshstate.transform._discover import Discovery, lane_key, lane_sharding
 
-__all__ = ['read_p', 'Reader', 'explicitly_typed']
+__all__ = ['read_p', 'Reader', 'explicitly_typed', 'never_blocks']
 
 read_p = Primitive('meshstate_read')
 # `axes`: the mapped axes the slot varies over (read by `_varying.py`); `slot`: (state, leaf).
@@ -44,6 +44,12 @@ def explicitly_typed(x: Any) -> bool:
   mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
   return bool(getattr(mesh, 'axis_names', ())) and (
       jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))  # pyright: ignore
+
+
+def never_blocks(_: Any) -> bool:
+  """No value keeps the trace from lifting (`Mapper.unliftable`): discovery types it as the
+  program does."""
+  return False
 
 
 class Reader:

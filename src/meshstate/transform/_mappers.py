@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from meshstate.transform._discover import Traced, lane_aval, trace_lanes
-from meshstate.transform._lift import explicitly_typed
+from meshstate.transform._lift import explicitly_typed, never_blocks
 from meshstate.transform._plan import Plan
 
 __all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'trace_mapped']
@@ -33,10 +33,6 @@ def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
   if not shardings:
     return tuple(outs)
   return tuple(map(_pin, outs, shardings))
-
-
-def _never(_: Any) -> bool:
-  return False
 
 
 def _drop(shape: tuple, axis: int | None) -> tuple:
@@ -135,7 +131,7 @@ class JitMapper(Mapper):
     return trace_lanes(probe, avals, [frozenset()] * len(slots), [])
 
   def unliftable(self, layout):
-    return _never
+    return never_blocks
 
   def plan(self, body, layout, donate):
     fn = jax.jit(lambda *slots: constrain(body(*slots), layout.out_shardings),

@@ -24,6 +24,7 @@ from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
 from meshstate.transform._discover import Traced, lane_aval, trace_lanes
+from meshstate.transform._lift import never_blocks
 from meshstate.transform._multihost import global_devices
 
 __all__ = ['MeshMapper', 'SpecMapper', 'NeedAxis', 'mesh_1d', 'current_mesh', 'context_key',
@@ -119,10 +120,6 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
   return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
 
 
-def _never(_: Any) -> bool:
-  return False
-
-
 def typed_elsewhere(x: Any, mesh: Any) -> bool:
   """Whether `x`'s type carries the sharding of an Explicit-axis mesh other than `mesh`.
 
@@ -176,7 +173,7 @@ class _ShardMapMapper(Mapper):
     # every Explicit axis is manual, values are untyped whatever their arguments' types were.
     mesh, manual = self.mesh_and_specs(layout)[:2]
     typed = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-    return _never if typed <= manual else None
+    return never_blocks if typed <= manual else None
 
   def trace_blocks(self, probe, slots, layout) -> Traced:
     """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies.
@@ -295,7 +292,7 @@ class MeshMapper(_ShardMapMapper):
     # reshards only the mapped axis: discovery's lanes, typed by the values as they come
     # (`lane_sharding`), are typed like the program's. (With more lanes than devices the
     # program is a vmap, whose lanes discovery does not type.)
-    return _never if self.lanes_per_device(layout) == 1 else super().unliftable(layout)
+    return never_blocks if self.lanes_per_device(layout) == 1 else super().unliftable(layout)
 
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
@@ -424,7 +421,7 @@ class SpecMapper(_ShardMapMapper):
     # Specs name only manual axes, and a call lays each state out by its spec (`_placed`): in
     # the body a state keeps no other axis in its type, as discovery's views (`_placed_like`,
     # placeholders) don't; an argument keeps its other axes, and its lane is typed by them.
-    return _never
+    return never_blocks
 
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)
