@@ -58,6 +58,17 @@ def _bodies(s, traces):
           'grad_scan_cond': grad_scan_cond}
 
 
+def _one_trace_equals_two(run, *args):
+  """`run(*args, lift=...)` with lifting on, then off: one trace against two, and the same
+  outputs and states; returns the lifted run's (outputs, states)."""
+  outs, states, traces = run(*args, lift=True)
+  outs2, states2, traces2 = run(*args, lift=False)
+  assert (traces, traces2) == (1, 2)
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, states, states2)
+  return outs, states
+
+
 def _run(which, kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
@@ -75,11 +86,7 @@ def _run(which, kind, monkeypatch, lift):
 @pytest.mark.parametrize('kind', ['pmap2', 'vmap2'])
 @pytest.mark.parametrize('which', ['plain', 'trees_and_random', 'grad_scan_cond'])
 def test_one_trace_equals_two_traces(which, kind, monkeypatch):
-  outs, states, traces = _run(which, kind, monkeypatch, lift=True)
-  outs2, states2, traces2 = _run(which, kind, monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_run, which, kind, monkeypatch)
   advanced = not np.array_equal(states['rng'], RandomState(7).value)
   assert advanced == (which != 'plain')   # a random state read advances once per call
 
@@ -177,11 +184,7 @@ def test_first_reads_inside_nested_bodies_trace_once_and_equal_two_traces(kind, 
     monkeypatch.undo()
     return outs, np.asarray(s['w'].value), len(traces)
 
-  outs, w, traces = run(lift=True)
-  outs2, w2, traces2 = run(lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  close(w, w2)
+  _one_trace_equals_two(run)
 
 
 def _on_explicit_1d(monkeypatch, lift):
@@ -206,11 +209,7 @@ def _on_explicit_1d(monkeypatch, lift):
 def test_explicit_mesh_whose_axes_are_all_manual_traces_once(monkeypatch):
   # Inside the shard_map every Explicit axis is manual, so the body's values are untyped, as
   # in discovery: the discovery trace is the program.
-  outs, w, traces = _on_explicit_1d(monkeypatch, lift=True)
-  outs2, w2, traces2 = _on_explicit_1d(monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  close(w, w2)
+  outs, w = _one_trace_equals_two(_on_explicit_1d, monkeypatch)
   assert tuple(w.sharding.spec) in {('i',), ('i', None)}   # still laid out along 'i' and
   assert jax.typeof(w).sharding.spec[0] == 'i'   # typed so, on the Explicit mesh
   assert len(set(np.asarray(outs[0])[:, 0].tolist())) == N   # each lane draws its own number
@@ -239,15 +238,11 @@ def _jit_on_explicit_mesh(monkeypatch, lift):
 
 def test_jit_on_an_explicit_mesh_traces_once(monkeypatch):
   # jit's body sees whole values: discovery traces them with their Explicit types.
-  outs, states, traces = _jit_on_explicit_mesh(monkeypatch, lift=True)
-  outs2, states2, traces2 = _jit_on_explicit_mesh(monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_jit_on_explicit_mesh, monkeypatch)
   assert str(jax.typeof(states[0])) == 'float32[3,4@model]' and float(states[1]) == 3.0
 
 
-def _on_model_axis(monkeypatch, lift, kind='Mesh'):
+def _on_model_axis(kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
   mesh = mesh_2x4(kind)
@@ -271,17 +266,13 @@ def _on_model_axis(monkeypatch, lift, kind='Mesh'):
 @pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
 def test_pmap2_on_a_partly_manual_mesh_traces_once(kind, monkeypatch):
   # With Explicit axes, 'model' stays in the body's types: discovery's lanes carry it too.
-  outs, w, traces = _on_model_axis(monkeypatch, True, kind)
-  outs2, w2, traces2 = _on_model_axis(monkeypatch, False, kind)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  close(w, w2)
+  outs, w = _one_trace_equals_two(_on_model_axis, kind, monkeypatch)
   assert w.sharding.spec == P(None, 'model')
   first = np.asarray(outs[0])
   assert not np.allclose(first[0], first[1])   # each lane draws its own number
 
 
-def _typed_shard_map(monkeypatch, lift, kind='Mesh'):
+def _typed_shard_map(kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
   mesh = mesh_2x4(kind)
@@ -304,11 +295,7 @@ def _typed_shard_map(monkeypatch, lift, kind='Mesh'):
 
 @pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
 def test_checked_shard_map_traces_once(kind, monkeypatch):
-  outs, states, traces = _typed_shard_map(monkeypatch, True, kind)
-  outs2, states2, traces2 = _typed_shard_map(monkeypatch, False, kind)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_typed_shard_map, kind, monkeypatch)
   assert float(states[1]) == 2.0
 
 
@@ -337,11 +324,7 @@ def _unchecked_explicit_shard_map(monkeypatch, lift):
 
 
 def test_unchecked_shard_map_over_every_axis_of_an_explicit_mesh_traces_once(monkeypatch):
-  outs, states, traces = _unchecked_explicit_shard_map(monkeypatch, lift=True)
-  outs2, states2, traces2 = _unchecked_explicit_shard_map(monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_unchecked_explicit_shard_map, monkeypatch)
   assert jax.typeof(states[0]).sharding.spec == P('data', 'model')
 
 
@@ -379,11 +362,7 @@ def _model_sharded_step(kind, monkeypatch, lift):
 @pytest.mark.parametrize('kind', ['pmap2', 'shard_map', 'shard_map checked'])
 def test_model_sharded_states_on_an_explicit_mesh_trace_once(kind, monkeypatch):
   # 'model' stays Explicit in the body: discovery types each lane by the axes it keeps there.
-  outs, states, traces = _model_sharded_step(kind, monkeypatch, lift=True)
-  outs2, states2, traces2 = _model_sharded_step(kind, monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_model_sharded_step, kind, monkeypatch)
   want = (['float32[3,4@model]', 'float32[2@data,5,4@model]'] if kind == 'pmap2' else
           ['float32[3,4]', 'float32[2@data,5,4]'])   # shard_map lays states out by their specs
   assert [str(jax.typeof(s)) for s in states[:2]] == want
@@ -416,9 +395,5 @@ def _model_typed_argument(kind, monkeypatch, lift):
 @pytest.mark.parametrize('kind', ['pmap2', 'shard_map', 'shard_map checked'])
 def test_an_argument_sharded_over_an_automatic_explicit_axis_traces_once(kind, monkeypatch):
   # x keeps its 'model' layout inside the body: discovery's lane of it is typed so too.
-  outs, states, traces = _model_typed_argument(kind, monkeypatch, lift=True)
-  outs2, states2, traces2 = _model_typed_argument(kind, monkeypatch, lift=False)
-  assert (traces, traces2) == (1, 2)
-  jax.tree.map(close, outs, outs2)
-  jax.tree.map(close, states, states2)
+  outs, states = _one_trace_equals_two(_model_typed_argument, kind, monkeypatch)
   assert str(jax.typeof(outs[0])) == 'float32[2@data,8@model,4]'
