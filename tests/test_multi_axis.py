@@ -192,6 +192,24 @@ def test_pmap2_accepts_input_sharded_on_explicit_mesh():
   close(out, x * 2 + x.sum(axis=0))
 
 
+def test_vmap2_draws_per_lane_on_an_input_sharded_on_explicit_mesh():
+  # jax.vmap needs a context mesh for what it batches itself (a lane's key, axis_index):
+  # without one it fails with "Resource axis: i ... not found in mesh: ()".
+  x = rand(N, 2)
+  xs = jax.device_put(jnp.asarray(x), NamedSharding(jax.make_mesh((N,), ('i',)), P('i')))
+  rs = RandomState(0)
+  f = vmap2(lambda v: v + jax.random.uniform(rs.split_key(), v.shape) + lax.axis_index('k'),
+            axis_name='k')
+  got = [f(xs), f(xs)]
+  assert got[0].sharding.spec == P('i', None)
+  rs.seed(0)
+  want = [f(jnp.asarray(x)), f(jnp.asarray(x))]   # unsharded: the same keys, the same draws
+  for g, w in zip(got, want):
+    close(g, w)
+  assert len(np.unique(np.asarray(got[0] - x - np.arange(N)[:, None]))) == 2 * N
+  assert not np.allclose(got[0], got[1])
+
+
 def _on_another_explicit_mesh(value):
   """`value` laid out along 'e' of a 1-D Explicit mesh of all devices (its type says so)."""
   other = jax.make_mesh((N,), ('e',), axis_types=(jax.sharding.AxisType.Explicit,))

@@ -16,7 +16,8 @@ from meshstate.transform._discover import Traced, lane_aval, trace_lanes
 from meshstate.transform._lift import explicitly_typed, never_blocks
 from meshstate.transform._plan import Plan
 
-__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'trace_mapped']
+__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'on_typed_mesh',
+           'trace_mapped']
 
 
 def _pin(value: Any, sharding: Any) -> Any:
@@ -112,8 +113,25 @@ class VmapMapper(Mapper):
     self.spmd_axis_name = spmd_axis_name
 
   def plan(self, body, layout, donate):
-    fn = jax.jit(vmapped(body, layout, self.spmd_axis_name), donate_argnums=donate)
+    fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name)),
+                 donate_argnums=donate)
     return plan_of(layout, 'vmap', fn, body, donate, spmd_axis_name=self.spmd_axis_name)
+
+
+def on_typed_mesh(fn: Callable) -> Callable:
+  """`fn` traced under the abstract mesh of its Explicit-typed arguments when no mesh is set.
+
+  A value `vmap` makes itself (`axis_index`, a lane's random key) is batched over the
+  arguments' sharded axis, and JAX finds that axis only in the context mesh: without one,
+  `jax.vmap` fails with "Resource axis ... not found in mesh: ()".
+  """
+  def traced(*slots):
+    typed = [x for x in jax.tree.leaves(slots) if explicitly_typed(x)]
+    if not typed or jax.sharding.get_abstract_mesh().axis_names:
+      return fn(*slots)
+    with jax.sharding.use_abstract_mesh(jax.typeof(typed[0]).sharding.mesh):
+      return fn(*slots)
+  return traced
 
 
 class JitMapper(Mapper):
