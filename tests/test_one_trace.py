@@ -215,6 +215,44 @@ def test_explicit_mesh_whose_axes_are_all_manual_traces_once(monkeypatch):
   assert len(set(np.asarray(outs[0])[:, 0].tolist())) == N   # each lane draws its own number
 
 
+def _vmap2_on_explicit_input(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = jax.make_mesh((N,), ('i',), axis_types=(jax.sharding.AxisType.Explicit,))
+  on = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))  # noqa: E731
+  w = ParamState(on(jnp.arange(N * 3.0).reshape(N, 3), 'i'))
+  tree, count = State(on({'a': jnp.ones(3), 'b': jnp.zeros(2)})), State(on(jnp.zeros(())))
+  rng, traces = RandomState(3), []
+  rng.value = on(rng.value)   # as a call leaves it: its type stays the same from call to call
+
+  def step(x):
+    traces.append(1)
+    g = jax.grad(lambda w: jnp.sum(w * x * tree.value['a']))(w.value)
+    c, _ = lax.scan(lambda c, xi: (c + xi * w.value, c), jnp.zeros(3), x[None].repeat(2, 0))
+    w.value = w.value - 0.1 * g + c + lax.cond(c.sum() > 0, lambda: 1.0, lambda: 0.0)
+    tree.value = {'a': tree.value['a'] * 2, 'b': tree.value['b'] + 1}
+    count.value = count.value + 1
+    return x + rng.uniform(size=x.shape) + lax.axis_index('k') + jax.jit(jnp.sin)(count.value)
+
+  f = vmap2(step, axis_name='k', state_in_axes={0: w}, state_out_axes={0: w})
+  x = on(jnp.arange(N * 3.0).reshape(N, 3) / 10, 'i')
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, (w.value, tree.value, count.value), len(traces)
+
+
+def test_vmap2_on_an_input_sharded_on_an_explicit_mesh_traces_once(monkeypatch):
+  # Lanes keep the input's mesh in their type (the lane of a P('i') value is replicated on
+  # it), and the program is traced under that mesh, as discovery was.
+  outs, (w, tree, count) = _one_trace_equals_two(_vmap2_on_explicit_input, monkeypatch)
+  assert str(jax.typeof(w)) == f'float32[{N}@i,3]' and float(count) == 2.0
+  assert outs[0].sharding.spec == P('i', None)
+  x = np.arange(N * 3.0).reshape(N, 3) / 10
+  draws = np.asarray(outs[0]) - x - np.arange(N)[:, None] - np.sin(1.0)
+  assert ((draws > -1e-5) & (draws < 1 + 1e-5)).all()
+  assert len(np.unique(draws.round(5))) == 3 * N   # each lane draws its own numbers
+
+
 def _jit_on_explicit_mesh(monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)

@@ -74,12 +74,13 @@ def lane_aval(x: Any, shape: tuple, drop: int | None = None) -> jax.ShapeDtypeSt
 
 
 def lane_sharding(aval: Any, drop: int | None = None) -> Any:
-  """The sharding a lane of a value of type `aval` has in a `shard_map` body on the current
-  abstract mesh, or None (untyped: no Explicit axis there).
+  """The sharding a lane of a value of type `aval` has in a `shard_map` or `vmap` body on the
+  current abstract mesh, or None (untyped: no Explicit axis there, or `aval` not on it).
 
   Inside the body only the mesh's Explicit axes stay in a type (the manual ones are mapped,
   Auto ones are not typed), so each dimension keeps those of its axes; dimension `drop`, which
-  the lane maps away, goes.
+  the lane maps away, goes. A lane whose dimensions keep none is still typed on the mesh
+  (replicated), as JAX types it: `vmap` batches such a lane over the mesh's axes.
   """
   mesh = jax.sharding.get_abstract_mesh()
   explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
@@ -95,8 +96,6 @@ def lane_sharding(aval: Any, drop: int | None = None) -> Any:
     del entries[drop]
   kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in explicit)
           for e in entries]
-  if not any(kept):
-    return None
   return jax.sharding.NamedSharding(mesh, P(*(k[0] if len(k) == 1 else k or None
                                              for k in kept)))
 

@@ -8,11 +8,10 @@ jaxpr on the real slots: the user's Python body runs once per call signature. (U
 typed like the views, varying axes included.) A state first read inside a `scan`/`cond`/`jit`
 body, or by a nested meshstate call, is still read at the top level: a frame makes its views at
 its own trace level (`Frame.read`), and the inner body closes over them. Lanes are typed by
-the Explicit mesh axes that stay in a `shard_map` body (`lane_sharding`); a value whose type in
-the program discovery cannot know leaves the reader unusable (the mapper says which values:
-`Mapper.unliftable`), and so does a nested `pmap2`/`shard_map` (which
-plans a `vmap` while discovered): the engine then traces the body a second time to build the
-program, as before.
+the Explicit mesh axes that stay in a `shard_map` or `vmap` body (`lane_sharding`). A value
+whose type in the program discovery cannot know leaves the reader unusable (the mapper says
+which values: `Mapper.unliftable`), and so does a nested `pmap2`/`shard_map` (which plans a
+`vmap` while discovered): the engine then traces the body a second time to build the program.
 """
 from __future__ import annotations
 

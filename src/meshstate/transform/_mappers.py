@@ -8,6 +8,7 @@ trace a probe abstractly (no compile) for discovery, on the values one lane sees
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -107,10 +108,22 @@ def vmapped(fn: Callable, layout: Any, spmd_axis_name: Any = None) -> Callable:
 
 
 class VmapMapper(Mapper):
-  """`jax.vmap` under one `jax.jit` (the engine of `vmap2`)."""
+  """`jax.vmap` under one `jax.jit` (the engine of `vmap2`).
+
+  Discovery and the program are both traced under the mesh of Explicit-typed arguments
+  (`typed_mesh`), so discovery types each lane as the program's (`lane_aval`) and any
+  program lifts.
+  """
 
   def __init__(self, spmd_axis_name: Any = None):
     self.spmd_axis_name = spmd_axis_name
+
+  def trace(self, probe, slots, layout):
+    with typed_mesh(slots):
+      return trace_mapped(probe, slots, layout)
+
+  def unliftable(self, layout):
+    return never_blocks
 
   def plan(self, body, layout, donate):
     fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name)),
@@ -126,12 +139,17 @@ def on_typed_mesh(fn: Callable) -> Callable:
   `jax.vmap` fails with "Resource axis ... not found in mesh: ()".
   """
   def traced(*slots):
-    typed = [x for x in jax.tree.leaves(slots) if explicitly_typed(x)]
-    if not typed or jax.sharding.get_abstract_mesh().axis_names:
-      return fn(*slots)
-    with jax.sharding.use_abstract_mesh(jax.typeof(typed[0]).sharding.mesh):
+    with typed_mesh(slots):
       return fn(*slots)
   return traced
+
+
+def typed_mesh(slots: Sequence[Any]):
+  """Context: the abstract mesh of the first Explicit-typed value in `slots`, if no mesh is set."""
+  typed = [x for x in jax.tree.leaves(slots) if explicitly_typed(x)]
+  if not typed or jax.sharding.get_abstract_mesh().axis_names:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(jax.typeof(typed[0]).sharding.mesh)
 
 
 class JitMapper(Mapper):
