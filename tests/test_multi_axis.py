@@ -276,6 +276,30 @@ def test_random_draws_differ_across_data_on_auto_mesh():
   assert not np.array_equal(np.asarray(rs.value), k0)
 
 
+def test_several_lanes_per_device_draw_and_index_on_explicit_mesh():
+  # Two lanes per 'data' device run as a vmap: on Explicit axes it needs the mesh in context
+  # for the lane keys and axis_index it batches ("Resource axis: data ... not found" before).
+  def run(kind):
+    rs, w = RandomState(0), ParamState(jnp.ones((2 * D, 3)))
+
+    def step(x):
+      w.value = w.value * 2 + x
+      return x + rs.uniform() + lax.axis_index('data')
+    f = pmap2(step, axis_name='data', mesh=mesh_2x4(kind), state_in_axes={0: w},
+              state_out_axes={0: w})
+    x = jnp.arange(2 * D * 3.0).reshape(2 * D, 3)
+    return [f(x), f(x)], w.value, x
+
+  (outs, w, x), (want, w_auto, _) = run('make_mesh'), run('Mesh')
+  for got, ref in zip(outs, want):
+    close(got, ref)
+  close(w, w_auto)
+  close(w, 4 + 3 * x)
+  draws = np.asarray(outs[0]) - x - np.arange(2 * D)[:, None]
+  assert len(np.unique(draws[:, 0].round(5))) == 2 * D   # each lane its own key
+  assert outs[0].sharding.spec[0] == 'data'
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 def test_error_axis_name_not_in_mesh(mesh):

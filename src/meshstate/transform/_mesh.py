@@ -282,8 +282,13 @@ class MeshMapper(_ShardMapMapper):
     ins = tuple(self.slot_shardings(layout))
     outs = tuple(NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes)
     mapped = vmapped(body, layout, spmd_axis_name=layout.name)
-    fn = jax.jit(lambda *slots: constrain(mapped(*constrain(slots, ins)), outs),
-                 donate_argnums=donate)
+
+    def program(*slots):
+      # jax.vmap batches the values it makes (axis_index, a lane's key) over the mesh it
+      # finds in the context: without one, an Explicit axis is "not found in mesh: ()".
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return constrain(mapped(*constrain(slots, ins)), outs)
+    fn = jax.jit(program, donate_argnums=donate)
     return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
                    out_shardings=outs, spmd_axis_name=layout.name)
 
