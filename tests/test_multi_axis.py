@@ -16,6 +16,7 @@ import meshstate
 from helpers import mesh_2x4
 from meshstate import LongTermState, ParamState, State
 from meshstate.random import RandomState
+from meshstate import transform as T
 from meshstate.transform import pmap2, vmap2
 
 D, M = 2, 4
@@ -74,6 +75,47 @@ def test_data_parallel_steps_keep_model_sharding(mesh):
     close(weight.value, w_ref)
     close(loss, want_loss)
   assert int(steps.value) == 10
+
+
+def _model_sharded_training(mesh):
+  """A momentum SGD step over 'data' with its weight and momentum sharded over 'model'."""
+  on = lambda v: jax.device_put(jnp.asarray(v), NamedSharding(mesh, P(None, 'model')))  # noqa
+  w, mom = ParamState(on(rand(3, 8))), State(on(np.zeros((3, 8), np.float32)))
+  steps, rng = LongTermState(jnp.zeros((), jnp.int32)), RandomState(4)
+
+  def step(x, y):
+    g = T.grad(lambda: jnp.mean((x @ w.value - y) ** 2), grad_states=w)()
+    mom.value = 0.9 * mom.value + lax.pmean(g, 'data')
+    w.value = w.value - 0.05 * mom.value * (1 + 0.01 * lax.pmean(rng.uniform(), 'data'))
+    steps.value = steps.value + 1
+    return lax.pmean(jnp.mean((x @ w.value - y) ** 2), 'data')
+
+  return (w, mom, steps, rng), pmap2(step, axis_name='data', mesh=mesh, out_axes=None)
+
+
+@pytest.mark.parametrize('loop', ['jit(for_loop)', 'scan', 'jit(cond)'])
+def test_loops_around_a_model_sharded_pmap2_equal_its_eager_steps(mesh, loop):
+  # Inside another transform the states are its tracers, typed on the whole mesh: the body's
+  # views must be typed as lanes ('model' kept, 'data' manual), or an Explicit mesh fails with
+  # "context mesh ... should match the aval mesh".
+  states, step = _model_sharded_training(mesh)
+  xs, ys = jnp.asarray(rand(4, D, 5, 3)), jnp.asarray(rand(4, D, 5, 8))
+  start = [s.value for s in states]
+  eager = jnp.stack([step(x, y) for x, y in zip(xs, ys)])
+  after = [s.value for s in states]
+  for s, v in zip(states, start):
+    s.value = v
+  if loop == 'jit(for_loop)':
+    got = T.jit(lambda xs, ys: T.for_loop(step, xs, ys))(xs, ys)
+  elif loop == 'scan':
+    got = T.scan(lambda c, xy: (c, step(*xy)), 0, (xs, ys))[1]
+  else:
+    run = T.jit(lambda x, y, go: T.cond(go, step, lambda x, y: jnp.float32(0), x, y))
+    got = jnp.stack([run(x, y, True) for x, y in zip(xs, ys)])
+  close(got, eager)
+  for s, v in zip(states, after):
+    close(s.value, v)
+  assert spec_of(states[0].value) == P(None, 'model') and int(states[2].value) == 4
 
 
 def test_stateful_jit_keeps_model_sharding(mesh):

@@ -32,7 +32,7 @@ from meshstate.nn import Module
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
-from meshstate.transform._lift import Reader
+from meshstate.transform._lift import Reader, never_blocks
 from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key, typed_elsewhere
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
@@ -888,7 +888,10 @@ class StatefulMapping:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
-    blocks = None if _local.stack else mapper.unliftable(layout)
+    # Traced inside another transform, the states' values are its tracers: a reader still types
+    # their views as lanes (an Explicit mesh's axes included), but the program is traced again.
+    nested = bool(_local.stack)
+    blocks = never_blocks if nested else mapper.unliftable(layout)
     if blocks is not None and any(map(blocks, leaves)):
       blocks = None
     while True:
@@ -929,7 +932,7 @@ class StatefulMapping:
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = None
-    if reader is not None and _calls.meshes == meshes:   # no nested pmap2 or shard_map
+    if reader is not None and not nested and _calls.meshes == meshes:   # (nor a nested map)
       program = reader.program(disc, len(leaves), out_states, random_in, self._lane_names(layout))
     if program is None:
       program = self._program(body, random_in, layout, disc.out_avals)
