@@ -77,8 +77,9 @@ def test_data_parallel_steps_keep_model_sharding(mesh):
   assert int(steps.value) == 10
 
 
-def _model_sharded_training(mesh):
-  """A momentum SGD step over 'data' with its weight and momentum sharded over 'model'."""
+def _model_sharded_training(mesh, kind='pmap2'):
+  """A momentum SGD step over 'data' with its weight and momentum sharded over 'model', as a
+  `pmap2` or as a state-aware `shard_map` over 'data' (checked or not)."""
   on = lambda v: jax.device_put(jnp.asarray(v), NamedSharding(mesh, P(None, 'model')))  # noqa
   w, mom = ParamState(on(rand(3, 8))), State(on(np.zeros((3, 8), np.float32)))
   steps, rng = LongTermState(jnp.zeros((), jnp.int32)), RandomState(4)
@@ -90,15 +91,38 @@ def _model_sharded_training(mesh):
     steps.value = steps.value + 1
     return lax.pmean(jnp.mean((x @ w.value - y) ** 2), 'data')
 
-  return (w, mom, steps, rng), pmap2(step, axis_name='data', mesh=mesh, out_axes=None)
+  if kind == 'pmap2':
+    return (w, mom, steps, rng), pmap2(step, axis_name='data', mesh=mesh, out_axes=None)
+  step_shards = T.shard_map(lambda x, y: step(x[0], y[0]), mesh, P('data'), P(),
+                            axis_names={'data'}, check_vma=kind == 'shard_map')
+  return (w, mom, steps, rng), step_shards
 
 
-@pytest.mark.parametrize('loop', ['jit(for_loop)', 'scan', 'jit(cond)'])
-def test_loops_around_a_model_sharded_pmap2_equal_its_eager_steps(mesh, loop):
+def test_grad_through_a_model_sharded_pmap2_on_explicit_mesh():
+  # The loss is typed on the mesh: an eager grad needs it in the context (JAX's rule), a
+  # jit does not.
+  mesh = mesh_2x4('make_mesh')
+  w0, x = rand(3, 8), rand(D, 5, 3)
+  w = ParamState(jax.device_put(jnp.asarray(w0), NamedSharding(mesh, P(None, 'model'))))
+  f = pmap2(lambda x: lax.pmean(jnp.sum(jnp.sin(x @ w.value)), 'data'), axis_name='data',
+            mesh=mesh, out_axes=None)
+  want = jax.grad(lambda w: jnp.mean(jnp.stack([jnp.sum(jnp.sin(xd @ w)) for xd in x])))(w0)
+  with jax.set_mesh(mesh):
+    eager = T.grad(lambda: f(jnp.asarray(x)), grad_states=w)()
+  jitted = T.jit(T.grad(lambda: T.checkpoint(f)(jnp.asarray(x)), grad_states=w))()
+  for g in (eager, jitted):
+    close(g, want)
+    assert spec_of(g) == P(None, 'model')
+
+
+@pytest.mark.parametrize('kind, loop', [
+    ('pmap2', 'jit(for_loop)'), ('pmap2', 'scan'), ('pmap2', 'jit(cond)'),
+    ('shard_map', 'jit(for_loop)'), ('shard_map unchecked', 'scan')])
+def test_loops_around_a_model_sharded_step_equal_its_eager_steps(mesh, kind, loop):
   # Inside another transform the states are its tracers, typed on the whole mesh: the body's
   # views must be typed as lanes ('model' kept, 'data' manual), or an Explicit mesh fails with
   # "context mesh ... should match the aval mesh".
-  states, step = _model_sharded_training(mesh)
+  states, step = _model_sharded_training(mesh, kind)
   xs, ys = jnp.asarray(rand(4, D, 5, 3)), jnp.asarray(rand(4, D, 5, 8))
   start = [s.value for s in states]
   eager = jnp.stack([step(x, y) for x, y in zip(xs, ys)])
@@ -250,6 +274,16 @@ def test_vmap2_draws_per_lane_on_an_input_sharded_on_explicit_mesh():
     close(g, w)
   assert len(np.unique(np.asarray(got[0] - x - np.arange(N)[:, None]))) == 2 * N
   assert not np.allclose(got[0], got[1])
+
+
+def test_random_state_seeded_inside_vmap2_on_an_explicit_input():
+  # Seeding makes a key eagerly; under the input's abstract mesh that failed to lower
+  # ("... required when only AbstractMesh exists").
+  x = rand(N, 2)
+  xs = jax.device_put(jnp.asarray(x), NamedSharding(jax.make_mesh((N,), ('i',)), P('i')))
+  f = vmap2(lambda v: v + RandomState(5).uniform(size=v.shape))
+  close(f(xs), f(jnp.asarray(x)))
+  close(meshstate.transform.jit(lambda v: f(v) * 2)(xs), 2 * f(jnp.asarray(x)))
 
 
 def _on_another_explicit_mesh(value):

@@ -292,6 +292,37 @@ def test_error_state_dim_not_divisible(auto_mesh):
   assert np.shape(s.value) == (6, 2)
 
 
+@pytest.mark.parametrize('where, spec, message', [
+    ('state_in_specs', P(None, 'model'),
+     r"state_in_specs for ParamState 'w' \(shape \(4, 4\)\): spec P\(None, 'model'\) names "
+     r"\['model'\], but this shard_map is manual over \['data'\] only"),
+    ('state_out_specs', P(None, 'model'),
+     r"state_out_specs for ParamState 'w' .* names \['model'\], but .* over \['data'\] only"),
+    ('in_specs', P('model'), r"in_specs for argument\[0\]: spec P\('model',\) names "
+                             r"\['model'\], but"),
+    ('out_specs', P('model'), r"out_specs for output: spec P\('model',\) names \['model'\], but"),
+    ('state_in_specs', P('foo'), r"state_in_specs for ParamState 'w' .* names \['foo'\], which "
+                                 r"are not axes of the mesh \{'data': 2, 'model': 4\}"),
+])
+def test_error_spec_names_an_axis_that_is_not_manual(mesh, where, spec, message):
+  # A state's spec naming such an axis failed deep in the trace (NameError: unbound axis
+  # name), or with JAX's message about the program's flat inputs, or with a bare KeyError.
+  w = ParamState(jnp.ones((4, 4)), name='w')
+  specs = dict(in_specs=P('data'), out_specs=P('data'), state_in_specs={w: P()},
+               state_out_specs={w: P()})
+  specs[where] = {w: spec} if where.startswith('state') else spec
+
+  def step(x):
+    w.value = w.value + 1
+    return x
+
+  f = shard_map(step, mesh=mesh, axis_names={'data'}, **specs)
+  with pytest.raises(ValueError, match=message):
+    f(jnp.ones((4, 4)))
+  np.testing.assert_array_equal(np.asarray(w.value), np.ones((4, 4)))
+  no_tracers(w)
+
+
 def test_error_keyword_arguments(auto_mesh):
   f = shard_map(lambda x: x, mesh=auto_mesh, in_specs=P('data'), out_specs=P('data'))
   with pytest.raises(TypeError):

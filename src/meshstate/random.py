@@ -62,13 +62,17 @@ def _entropy_seed() -> int:
   return int(client.blocking_key_value_get(name, 60_000))
 
 
+_NO_MESH = jax.sharding.AbstractMesh((), ())
+
+
 def _as_key(seed_or_key: Any) -> Any:
   """An int seed (or None: fresh OS entropy) -> a legacy uint32[2] key; a key -> itself."""
   if seed_or_key is None:
     seed_or_key = _entropy_seed()
   if isinstance(seed_or_key, (int, np.integer)) and not isinstance(seed_or_key, bool):
-    # A concrete seed gives a concrete key even while a transform is tracing.
-    with jax.ensure_compile_time_eval():
+    # A concrete seed gives a concrete key even while a transform is tracing, also under the
+    # abstract mesh a trace may have set (an eager op cannot lower against one).
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(_NO_MESH):
       return jax.random.PRNGKey(int(seed_or_key))
   dtype = getattr(seed_or_key, 'dtype', None)
   if dtype is None:

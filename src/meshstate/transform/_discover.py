@@ -23,7 +23,7 @@ from meshstate._state import Frame, State, is_static_value
 from meshstate.transform._varying import varying_axes
 
 __all__ = ['Discovery', 'Traced', 'discover', 'vary', 'lane_key', 'lane_slice', 'placeholder',
-           'vma_of', 'lane_aval', 'lane_sharding', 'trace_lanes']
+           'vma_of', 'lane_aval', 'lane_sharding', 'trace_lanes', 'explicitly_typed']
 
 
 def vma_of(value: Any) -> frozenset:
@@ -38,9 +38,18 @@ def vary(value: Any, name: Any) -> Any:
   return jax.tree.map(lambda x: lax.select(jnp.broadcast_to(keep, jnp.shape(x)), x, x), value)
 
 
+def explicitly_typed(x: Any) -> bool:
+  """Whether `x`'s type carries a sharding on a mesh with Explicit axes."""
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  return bool(getattr(mesh, 'axis_names', ())) and (
+      jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))  # pyright: ignore
+
+
 def _placeholder(x: Any) -> Any:
-  if isinstance(x, jax.core.Tracer) or jax.dtypes.issubdtype(jnp.result_type(x),  # pyright: ignore
-                                                             jax.dtypes.prng_key):
+  # An enclosing trace's value is kept (with what it varies over), unless its type names the
+  # whole of an Explicit mesh, which a body over some of its axes cannot take.
+  if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key) or (  # pyright: ignore
+      isinstance(x, jax.core.Tracer) and not explicitly_typed(x)):  # pyright: ignore
     return x
   return lax.full(jnp.shape(x), 0, jnp.result_type(x))
 

@@ -21,9 +21,9 @@ import jax
 from jax.extend.core import ClosedJaxpr, Primitive, Var, jaxpr_as_fun
 
 from meshstate._compat import ShapedArray
-from meshstate.transform._discover import Discovery, lane_key, lane_sharding
+from meshstate.transform._discover import Discovery, explicitly_typed, lane_key, lane_sharding
 
-__all__ = ['read_p', 'Reader', 'explicitly_typed', 'never_blocks']
+__all__ = ['read_p', 'Reader', 'never_blocks']
 
 read_p = Primitive('meshstate_read')
 # `axes`: the mapped axes the slot varies over (read by `_varying.py`); `slot`: (state, leaf).
@@ -36,13 +36,6 @@ def _no_eager(*_, **params):
 
 
 read_p.def_impl(_no_eager)
-
-
-def explicitly_typed(x: Any) -> bool:
-  """Whether `x`'s type carries a sharding on a mesh with Explicit axes."""
-  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
-  return bool(getattr(mesh, 'axis_names', ())) and (
-      jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))  # pyright: ignore
 
 
 def never_blocks(_: Any) -> bool:

@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from meshstate.transform._discover import Traced, lane_aval, trace_lanes
-from meshstate.transform._lift import explicitly_typed, never_blocks
+from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
+from meshstate.transform._lift import never_blocks
 from meshstate.transform._plan import Plan
 
 __all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'on_typed_mesh',

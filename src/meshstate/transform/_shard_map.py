@@ -119,11 +119,28 @@ class StatefulShardMap(StatefulMapping):
     mesh = self.mesh
     manual = self._mapper.manual(mesh)
     name = tuple(a for a in mesh.axis_names if a in manual)
-    return Layout(name, None, treedef, len(leaves), (), [],
-                  slot_axes=self._specs(prefix, (args, kwargs), 'in_specs', 'argument'))
+    specs = self._specs(prefix, (args, kwargs), 'in_specs', 'argument')
+    for (path, _), spec in zip(jax.tree_util.tree_flatten_with_path((args, kwargs))[0], specs):
+      self._check_axes(spec, f'in_specs for argument{jax.tree_util.keystr(path[1:])}')
+    return Layout(name, None, treedef, len(leaves), (), [], slot_axes=specs)
+
+  def _check_axes(self, spec: P, what: str) -> P:
+    """`spec`, once every axis it names is a manual axis of the mesh (else a ValueError)."""
+    named, mesh = set(spec_axes(spec)), self.mesh
+    manual = self._mapper.manual(mesh)
+    if named <= manual:
+      return spec
+    unknown = named - set(mesh.axis_names)
+    if unknown:
+      raise ValueError(f'{what}: spec {spec} names {sorted(unknown)}, which are not axes of the '
+                       f'mesh {dict(mesh.shape)}.')
+    raise ValueError(f'{what}: spec {spec} names {sorted(named - manual)}, but this shard_map '
+                     f'is manual over {sorted(manual)} only (axis_names): a spec names only '
+                     f'those; add the others to axis_names to split over them.')
 
   def _layout_state_in(self, state: State, paths: dict, fed: dict) -> P:
-    return self._first(self.state_in_specs, state, paths) or P()
+    spec = self._first(self.state_in_specs, state, paths) or P()
+    return self._check_axes(spec, f'state_in_specs for {self._describe(state, paths)}')
 
   def _view(self, state, base, layout, paths, fed, reader):
     typed = self._mapper.check_vma   # the view is typed by shard_map: slots typed like it
@@ -166,6 +183,7 @@ class StatefulShardMap(StatefulMapping):
     specs = self._specs(self.out_specs, out_avals, 'out_specs', 'output')
     flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
     for (path, _), spec, vma in zip(flat, specs, disc.out_vma):
+      self._check_axes(spec, f'out_specs for output{jax.tree_util.keystr(path)}')
       missing = vma - set(spec_axes(spec))
       if missing:
         raise ValueError(f'out_specs gives output{jax.tree_util.keystr(path)} the spec {spec}, '
@@ -175,6 +193,7 @@ class StatefulShardMap(StatefulMapping):
 
   def _layout_state_out(self, state, disc, in_spec, paths):
     spec = self._first(self.state_out_specs, state, paths) or in_spec or P()
+    self._check_axes(spec, f'state_out_specs for {self._describe(state, paths)}')
     missing = disc.write_vma[state] - set(spec_axes(spec))
     if missing:
       raise ValueError(f'{self._describe(state, paths)} is written with a value that differs '
