@@ -213,6 +213,24 @@ def check_pmap2_mesh_on_2d_mesh():
   return {'out': gather(out), 'w': gather(w), 'w_spec': str(w.value.sharding.spec)}
 
 
+def check_loop_around_pmap2_on_an_explicit_2d_mesh():
+  # jax.make_mesh's default (Explicit axes), with a jit(for_loop) around the step.
+  explicit = (jax.sharding.AxisType.Explicit,) * 2
+  mesh = Mesh(_mesh_2d().devices, ('data', 'model'), axis_types=explicit)
+  model = mesh.shape['model']
+  me = jax.process_index()
+  w = meshstate.ParamState(to_global(np.ones(2 * model, np.float32),
+                                     NamedSharding(mesh, P('model'))))
+  step = pmap2(lambda x: setattr(w, 'value', w.value * 2 + lax.psum(x, 'data')) or x + 1,
+               axis_name='data', mesh=mesh)
+  local = np.stack([np.arange(2 * model, dtype=np.float32)[None] + 10 * me + k
+                    for k in range(3)])
+  xs = to_global(local, NamedSharding(mesh, P(None, 'data', 'model')))
+  out = meshstate.transform.jit(lambda xs: meshstate.transform.for_loop(step, xs))(xs)
+  return {'out': gather(out), 'w': gather(w), 'w_spec': str(w.value.sharding.spec),
+          'w_type': str(jax.typeof(w.value))}
+
+
 def check_describe_shows_global_layout():
   mesh = _mesh_1d()
   n = jax.local_device_count()

@@ -200,6 +200,19 @@ def test_pmap2_with_a_global_2d_mesh(today):
     assert v['w_spec'] == "P('model',)"
 
 
+def test_loop_around_pmap2_on_an_explicit_global_2d_mesh(today):
+  n_proc, local = layout(today)
+  xs = np.stack([np.stack([np.arange(2 * local, dtype=np.float32) + 10 * p + k
+                           for p in range(n_proc)]) for k in range(3)])
+  w = np.ones(2 * local, np.float32)
+  for x in xs:
+    w = w * 2 + x.sum(axis=0)
+  for v in values(today, 'check_loop_around_pmap2_on_an_explicit_2d_mesh'):
+    close(v['out'], xs + 1)
+    close(v['w'], w)
+    assert v['w_spec'] == "P('model',)" and v['w_type'] == f'float32[{2 * local}@model]'
+
+
 def test_describe_in_every_process_shows_global_shapes(today):
   n_proc, local = layout(today)
   for v in values(today, 'check_describe_shows_global_layout'):
