@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import meshstate
 from meshstate import ParamState, ShortTermState, State
+from meshstate.random import RandomState
 from meshstate.transform import StatefulMapping, pmap2, shard_map, vmap2
 
 from helpers import N, close, mesh_2x4, no_tracer, rand
@@ -134,6 +135,23 @@ def test_explain_run_equals_pmap2_with_more_lanes_than_devices():
   grads = jax.vmap(lambda x: jax.grad(lambda v: jnp.sum((x @ v) ** 2))(w0))(xs)
   close(called[0], w0 - LR * grads.mean(0))
   assert 'jax.vmap(' in explanation.code and 'spmd_axis_name' in explanation.code
+
+
+def test_explain_run_equals_several_lanes_per_device_on_an_explicit_mesh():
+  # The lanes' keys and axis_index are batched over the mesh: the engine traces the vmap under
+  # it, and so must the explanation's program, or it fails where the call works.
+  mesh, xs = mesh_2x4('make_mesh'), rand(4, 3)
+
+  def make():
+    w, rng = ParamState(jnp.ones((4, 3))), RandomState(0)
+    step = lambda x: (setattr(w, 'value', w.value * 2 + x),  # noqa: E731
+                      x + rng.uniform() + lax.axis_index('data'))[1]
+    return pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: w},
+                 state_out_axes={0: w}), [w, rng]
+
+  out, called, explained, after, explanation = _run_both(make, xs)
+  _assert_same(out, called, explained, after)
+  assert 'use_abstract_mesh' in explanation.code
 
 
 @pytest.mark.parametrize('check_vma', [True, False])

@@ -389,8 +389,11 @@ def _program_code(plan: Any) -> list[str]:
         f'    axis_name={plan.axis_name!r}, axis_size={plan.size},',
         f'    spmd_axis_name={plan.spmd_axis_name!r})',
         '# lanes are split over the devices of `mesh`; in/out_shardings put them there',
-        'program = jax.jit(lambda *slots: pin(mapped(*pin(slots, in_shardings)), out_shardings)'
-        f'{jit_kwargs})',
+        'def run(*slots):',
+        '  # under the mesh: vmap batches what it makes (axis_index, lane keys) over its axes',
+        '  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):',
+        '    return pin(mapped(*pin(slots, in_shardings)), out_shardings)',
+        f'program = jax.jit(run{jit_kwargs})',
     ]
   lines = [
       'mapped = jax.shard_map(',
