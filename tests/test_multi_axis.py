@@ -77,11 +77,11 @@ def test_data_parallel_steps_keep_model_sharding(mesh):
   assert int(steps.value) == 10
 
 
-def _model_sharded_training(mesh, kind='pmap2'):
+def _model_sharded_training(mesh, kind='pmap2', w0=None):
   """A momentum SGD step over 'data' with its weight and momentum sharded over 'model', as a
   `pmap2` or as a state-aware `shard_map` over 'data' (checked or not)."""
   on = lambda v: jax.device_put(jnp.asarray(v), NamedSharding(mesh, P(None, 'model')))  # noqa
-  w, mom = ParamState(on(rand(3, 8))), State(on(np.zeros((3, 8), np.float32)))
+  w, mom = ParamState(on(rand(3, 8) if w0 is None else w0)), State(on(np.zeros((3, 8), np.float32)))
   steps, rng = LongTermState(jnp.zeros((), jnp.int32)), RandomState(4)
 
   def step(x, y):
@@ -374,6 +374,48 @@ def test_several_lanes_per_device_draw_and_index_on_explicit_mesh():
   draws = np.asarray(outs[0]) - x - np.arange(2 * D)[:, None]
   assert len(np.unique(draws[:, 0].round(5))) == 2 * D   # each lane its own key
   assert outs[0].sharding.spec[0] == 'data'
+
+
+# -- under a context mesh (jax.set_mesh) ----------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
+def test_pmap2_without_a_mesh_maps_over_the_context_mesh(kind):
+  # As pmap2(mesh=the context mesh); it failed inside JAX ("use_abstract_mesh cannot change
+  # the size of the mesh"), and so does jax.pmap there.
+  mesh = mesh_2x4(kind)
+  x, w0 = rand(D, 5, 3), rand(3, 8)
+
+  def run(**mesh_kw):
+    states, step = _model_sharded_training(mesh, w0=w0)
+    step = pmap2(step.origin_fun, axis_name='data', out_axes=None, **mesh_kw)
+    with jax.set_mesh(mesh):
+      losses = [step(jnp.asarray(x), jnp.asarray(x[..., :1] * 2)) for _ in range(3)]
+      epoch = T.jit(lambda xs: T.for_loop(lambda x: step(x, x[..., :1]), xs))(jnp.asarray(x)[None])
+    return losses + [epoch[0]], states, step
+
+  got, states, step = run()
+  want, want_states, want_step = run(mesh=mesh)
+  for g, w in zip(got, want):
+    close(g, w)
+  for s, w in zip(states, want_states):
+    close(s.value, w.value)
+  assert spec_of(states[0].value) == P(None, 'model')
+  assert step.cache_info() == want_step.cache_info() and step.cache_info().currsize > 0
+  with jax.set_mesh(mesh):
+    explanation = step.explain(jnp.asarray(x), jnp.asarray(x[..., :1]))
+  assert explanation.mesh.shape == mesh.shape
+
+
+def test_pmap2_under_a_context_mesh_without_its_axis():
+  w = State(jnp.ones(3))
+  f = pmap2(lambda x: setattr(w, 'value', w.value + lax.psum(x, 'i')) or x, axis_name='i')
+  with jax.set_mesh(mesh_2x4('make_mesh')):
+    with pytest.raises(ValueError, match=r"called under a context mesh \(jax.set_mesh\) with "
+                                         r"axes \{'data': 2, 'model': 4\}.*axis_name='i'"):
+      f(jnp.ones((N, 3)))
+  close(w.value, np.ones(3))
+  close(f(jnp.ones((N, 3))), np.ones((N, 3)))   # outside it, on its own mesh
+  close(w.value, np.ones(3) + N)
 
 
 # -- errors ---------------------------------------------------------------------------------------

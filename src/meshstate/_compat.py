@@ -17,7 +17,7 @@ import jax
 
 __all__ = ['MIN_JAX', 'ArrayImpl', 'array_sharding', 'ShapedArray', 'vma', 'bound_axis_names',
            'tracer_kind', 'scan_counts', 'current_trace', 'at_trace', 'distributed_client',
-           'api_boundary', 'hide_frames_of']
+           'api_boundary', 'hide_frames_of', 'context_mesh']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -53,6 +53,7 @@ ArrayImpl = _private('jax._src.array', 'ArrayImpl').ArrayImpl   # skips tracer c
 array_sharding = operator.attrgetter('_sharding' if hasattr(ArrayImpl, '_sharding') else
                                      'sharding')
 _distributed = _private('jax._src.distributed', 'global_state')   # the coordination service
+_mesh = _private('jax._src.mesh', 'get_concrete_mesh')   # jax.sharding.get_mesh, also in a trace
 _traceback = _private('jax._src.traceback_util', 'api_boundary', 'register_exclusion')
 api_boundary = _traceback.api_boundary
 _core = _private('jax._src.core', 'ShapedArray', 'ManualAxisType', 'AxisEnv', 'get_axis_env',
@@ -137,3 +138,10 @@ def scan_counts(params: dict) -> tuple[int, int]:
   raise NotImplementedError(f'meshstate cannot read this JAX release\'s scan parameters '
                             f'({sorted(params)}) (jax {jax.__version__}); install a JAX version '
                             f'that meshstate supports.')
+
+
+def context_mesh() -> Any:
+  """The mesh `jax.set_mesh` set for this thread, or None; readable while a transform traces
+  (`jax.sharding.get_mesh` refuses to be called there)."""
+  mesh = _mesh.get_concrete_mesh()
+  return mesh if mesh is not None and mesh.axis_names else None

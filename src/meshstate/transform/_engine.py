@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._compat import api_boundary, array_sharding
@@ -375,6 +376,7 @@ class StatefulMapping:
     self._ncalls = self._misses = 0
     self._direct: _Entry | None = None   # the entry a positional call may run unchecked
     self._retraces = 0
+    self._on_meshes: dict[Mesh, StatefulMapping] = {}   # copies run under a context mesh
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
     self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -402,7 +404,7 @@ class StatefulMapping:
     new.origin_fun = new.__wrapped__ = fun
     new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
     new._lru, new._ncalls, new._misses = collections.OrderedDict(), 0, 0
-    new._direct, new._retraces = None, 0
+    new._direct, new._retraces, new._on_meshes = None, 0, {}
     new._bound = weakref.WeakKeyDictionary()
     return new
 
@@ -435,6 +437,9 @@ class StatefulMapping:
 
   def _checked(self, *args, **kwargs):
     """A call with every check: the cache looked up by signature, the states' values compared."""
+    runs = self._here()
+    if runs is not self:
+      return runs._checked(*args, **kwargs)
     if _local.stack:
       return self._call_nested(*self._signature(args, kwargs))
     with _call_lock:   # read → run → write-back: atomic with respect to other meshstate calls
@@ -503,6 +508,24 @@ class StatefulMapping:
         state._value = value
     return moved[:n], moved[n:]
 
+  def _here(self) -> 'StatefulMapping':
+    """The mapping a call made now runs: this one, or under `jax.set_mesh(mesh)` a pmap2
+    without a mesh of its own as `pmap2(mesh=mesh)` (one copy, with its own cache, per mesh)."""
+    mesh = self._mapper.context_mesh()
+    if mesh is None:
+      return self
+    if self.axis_name not in mesh.axis_names:
+      raise ValueError(f'{self.name} was called under a context mesh (jax.set_mesh) with axes '
+                       f'{dict(mesh.shape)}; without mesh= of its own, a pmap2 maps over the '
+                       f'axis of that mesh named by axis_name, and axis_name='
+                       f'{self.axis_name!r} names none. Name one of its axes, or pass mesh=.')
+    with _call_lock:
+      mapping = self._on_meshes.get(mesh)
+      if mapping is None:
+        mapping = self._on_meshes[mesh] = self._rebound(self.origin_fun)
+        mapping._mapper = mapping.mapping_fn = self._mapper.on_mesh(mesh)
+    return mapping
+
   def _make_direct(self, entry: _Entry) -> None:
     if self._mapper.keeps_layout:   # a state resharded since must go the checked way
       vals = _values(entry.in_states)
@@ -532,7 +555,9 @@ class StatefulMapping:
       >>> info.misses, info.currsize, info.maxsize == f.cache_size
       (2, 2, True)
     """
-    return CacheInfo(self._ncalls - self._misses, self._misses, self.cache_size, len(self._lru))
+    infos = [(m._ncalls, m._misses, len(m._lru)) for m in (self, *self._on_meshes.values())]
+    calls, misses, size = map(sum, zip(*infos))
+    return CacheInfo(calls - misses, misses, self.cache_size, size)
 
   def cache_clear(self) -> None:
     """Forget every cached program (the next call of each signature traces again).
@@ -549,6 +574,7 @@ class StatefulMapping:
       self._lru.clear()
       self._ncalls = self._misses = self._retraces = 0
       self._direct = None
+      self._on_meshes.clear()
 
   def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The general path: the entry for any arguments (traced on a miss), leaves, state values."""
@@ -1118,7 +1144,7 @@ class StatefulMapping:
       in_specs (arguments, then states read):
     """
     from meshstate.sharding import explain_plan
-    entry, leaves, vals = self._entry(args, kwargs)
+    entry, leaves, vals = self._here()._entry(args, kwargs)
     plan = entry.plan
     if plan.mesh is None:
       raise TypeError(f'explain shows the mesh program of pmap2 and shard_map; {self.name} '
@@ -1156,6 +1182,9 @@ class StatefulMapping:
       ([2.0, 2.0], 2.0)
     """
     from meshstate.transform._aot import Lowered
+    runs = self._here()
+    if runs is not self:
+      return runs.lower(*args, **kwargs)
     sig = self._signature(args, kwargs)
     entry = self._lookup(*sig)
     if not hasattr(entry.fn, 'lower'):

@@ -88,7 +88,8 @@ def pmap2(fun: Callable[..., Any] | None = None, axis_name: Any = None, *, in_ax
       `state_in_axes`): `'auto'` (default), `'warn'`, `'ignore'` or `'raise'`. See
       `StatefulMapping` for each policy.
     mesh: a `jax.sharding.Mesh` whose axis `axis_name` is the mapped axis; states sharded over
-      its other axes keep that layout (model parallelism). Not with `devices`.
+      its other axes keep that layout (model parallelism). Not with `devices`. Without `mesh`
+      or `devices`, a call under `jax.set_mesh(m)` maps over `m`'s axis `axis_name`.
     donate_states: donate the buffers of the states the call reads and rewrites, so that the
       new values may reuse their memory; the old values must not be used after the call.
 

@@ -61,6 +61,7 @@ class Mapper:
   # engine reaches them where it knows the kind of mapper, or after a `hasattr` check.
   user_mesh: Any
   fresh: Callable[[], Mapper]
+  on_mesh: Callable[[Any], Mapper]
   add_axis: Callable[[Any], None]
   keep: Callable[..., Any]
   manual: Callable[[Any], frozenset]
@@ -72,6 +73,10 @@ class Mapper:
   def spans_processes(self) -> bool:
     """Whether each process passes only its part of the inputs (`pmap2` on several hosts)."""
     return False
+
+  def context_mesh(self) -> Any:
+    """The context mesh (`jax.set_mesh`) this call maps over instead of its own, or None."""
+    return None
 
   def trace(self, probe: Callable, slots: Sequence[Any], layout: Any) -> Traced | None:
     """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""

@@ -20,6 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from meshstate import _compat
 from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
@@ -258,6 +259,17 @@ class MeshMapper(_ShardMapMapper):
     if self.devices is not None:
       return len(self.devices)
     return len(global_devices(self.backend))
+
+  def on_mesh(self, mesh: Mesh) -> 'MeshMapper':
+    """This mapper with `mesh=mesh`."""
+    return MeshMapper(None, self.backend, mesh)
+
+  def context_mesh(self) -> Mesh | None:
+    # Without mesh= or devices=, and not nested in another body, a pmap2 called under
+    # `jax.set_mesh` maps over an axis of that mesh (its own would clash with it in JAX).
+    if self.user_mesh is not None or self.devices is not None or _context.stack:
+      return None
+    return _compat.context_mesh()
 
   def spans_processes(self) -> bool:
     """Whether this pmap2 maps over the devices of several processes, each passing its part."""
