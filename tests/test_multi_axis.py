@@ -160,6 +160,39 @@ def test_stateful_jit_keeps_model_sharding(mesh):
   assert spec_of(weight.value) == P(None, 'model')
 
 
+@pytest.mark.parametrize('kind', ['pmap2', 'jit'])
+def test_a_pytree_state_keeps_each_leafs_layout(mesh, kind):
+  # An optimizer state, say: each leaf keeps its own layout, as a one-array state does (the
+  # compiler laid the leaves out as it liked before, e.g. a replicated one over 'model').
+  on = lambda v, *spec: jax.device_put(jnp.asarray(v), NamedSharding(mesh, P(*spec)))  # noqa
+  w0 = rand(4, 8)
+  w = ParamState(on(w0, None, 'model'))
+  opt = State({'mu': on(np.zeros((4, 8), np.float32)), 'nu': on(np.zeros((4, 8), np.float32),
+                                                                 None, 'model'),
+               'count': on(np.zeros((), np.int32))})
+
+  def step(x):
+    g = w.value * (lax.pmean(x.mean(), 'data') if kind == 'pmap2' else x.mean())
+    o = opt.value
+    opt.value = {'mu': o['mu'] + g, 'nu': o['nu'] + g * g, 'count': o['count'] + 1}
+    return x
+
+  f = pmap2(step, axis_name='data', mesh=mesh) if kind == 'pmap2' else T.jit(step)
+  x = jnp.ones((D, 3))
+  f(x)
+  f(x)
+  specs = {k: spec_of(v) for k, v in opt.value.items()}
+  assert specs == {'mu': P(), 'nu': P(None, 'model'), 'count': P()}
+  opt.value = {**opt.value, 'mu': on(opt.value['mu'], None, 'model')}   # resharded by hand
+  f(x)
+  assert spec_of(opt.value['mu']) == P(None, 'model')
+  assert spec_of(opt.value['nu']) == P(None, 'model') and spec_of(opt.value['count']) == P()
+  g = w0
+  close(opt.value['mu'], 3 * g)
+  close(opt.value['nu'], 3 * g * g)
+  assert int(opt.value['count']) == 3
+
+
 def test_state_mapped_over_data_and_sharded_over_model(mesh):
   buf0 = rand(D, 8)
   buf = State(jax.device_put(jnp.asarray(buf0), NamedSharding(mesh, P('data', 'model'))))

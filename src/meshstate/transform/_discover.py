@@ -133,12 +133,17 @@ class Discovery:
   static_reads: dict[State, Any]   # Python-valued states read, and their values
   static_writes: dict[State, Any]  # states written with Python values, and those values
   write_vma: dict[State, frozenset]   # mapped axes each written value varies over
-  write_shapes: dict[State, tuple]    # shape of the (first leaf of the) lane value written
+  write_leaves: dict[State, tuple]    # (treedef, shape of each leaf) of the lane value written
   out_vma: list[frozenset]
   out_tree: Any
   out_avals: list[Any]
   result_tree: Any = None        # of the traced result: (output leaves, written values)
   jaxpr: Any = None              # the traced ClosedJaxpr, when it was traced to one
+
+  @property
+  def write_shapes(self) -> dict[State, tuple]:
+    """The shape of (the first leaf of) each lane value written."""
+    return {s: tuple(shapes[0]) if shapes else () for s, (_, shapes) in self.write_leaves.items()}
 
   @property
   def write_ndim(self) -> dict[State, int]:
@@ -164,7 +169,8 @@ def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],
       found['reads'] = [s for s in frame.reads if s not in frame.static_reads]
       found['static_reads'] = dict(frame.static_reads)
       found['writes'], found['static_writes'] = list(written), static
-      found['write_shapes'] = {s: tuple(jnp.shape((jax.tree.leaves(v) or [0])[0]))
+      found['write_leaves'] = {s: (jax.tree.structure(v), [jnp.shape(x) for x in
+                                                          jax.tree.leaves(v)])
                                for s, v in written.items()}
       leaves, found['out_tree'] = jax.tree.flatten(out)
       found['out_avals'] = [jax.typeof(x) for x in leaves]

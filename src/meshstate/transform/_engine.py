@@ -655,8 +655,8 @@ class StatefulMapping:
 
   def _sig(self, value: Any) -> Any:
     sig = jax.tree.map(jax.typeof, value)
-    if self._mapper.keeps_layout:
-      return sig, getattr(value, 'sharding', None)
+    if self._mapper.keeps_layout:   # where each leaf is laid out, which the program keeps
+      return sig, tuple(getattr(x, 'sharding', None) for x in jax.tree.leaves(value))
     return sig
 
   def _match(self, entries: Sequence[_Entry]) -> _Entry | None:
@@ -1071,10 +1071,19 @@ class StatefulMapping:
       return []
     kept = [None] * layout.n_out
     for state, out in zip(layout.out_states, state_out):
-      value = vals.get(state)
-      same = (state in vals and state in disc.write_shapes and
-              _lane_shape(value, in_layout[state]) == disc.write_shapes[state])
-      kept.append(mapper.keep(value, in_layout.get(state), out, layout) if same else None)
+      if state not in vals or state not in disc.write_leaves:
+        kept.append(None)
+        continue
+      leaves, tree = jax.tree.flatten(vals[state])
+      written_tree, shapes = disc.write_leaves[state]
+      axis = in_layout[state]
+      # Each leaf written with its lane shape keeps its layout (a pytree's leaf by leaf).
+      each = [mapper.keep(x, axis, out, layout) if tree == written_tree and
+              _lane_shape(x, axis) == shape else None for x, shape in zip(leaves, shapes)]
+      if jax.tree_util.treedef_is_leaf(tree):
+        kept.append(each[0] if each else None)
+      else:
+        kept.append(each if any(s is not None for s in each) else None)
     return kept
 
   def _program(self, body: Callable, random_in: list, layout: Layout,

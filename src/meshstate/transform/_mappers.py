@@ -24,6 +24,9 @@ __all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'on
 def _pin(value: Any, sharding: Any) -> Any:
   if sharding is None:
     return value
+  if isinstance(sharding, list):   # a pytree state's, leaf by leaf
+    leaves, tree = jax.tree.flatten(value)
+    return tree.unflatten(list(map(_pin, leaves, sharding)))
   explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
   # On Explicit-axis meshes the sharding is part of the type: change it with reshard.
   pin = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
@@ -31,7 +34,8 @@ def _pin(value: Any, sharding: Any) -> Any:
 
 
 def constrain(outs: Sequence[Any], shardings: Sequence[Any] | None) -> tuple:
-  """Pin output slots to the given shardings (None leaves a slot as the compiler lays it out)."""
+  """Pin output slots to the given shardings (None leaves a slot as the compiler lays it out;
+  a list gives a pytree slot's leaves theirs)."""
   if not shardings:
     return tuple(outs)
   return tuple(map(_pin, outs, shardings))
