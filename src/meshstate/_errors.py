@@ -1,6 +1,10 @@
-"""Errors that meshstate raises on purpose."""
+"""Errors that meshstate raises on purpose, and where its warnings point."""
+import os
+import sys
 
-__all__ = ['BatchAxisError']
+import jax
+
+__all__ = ['BatchAxisError', 'user_stacklevel']
 
 
 class BatchAxisError(ValueError):
@@ -8,3 +12,13 @@ class BatchAxisError(ValueError):
 
 
 BatchAxisError.__module__ = 'meshstate'
+
+
+def user_stacklevel() -> int:
+  """The `warnings` stacklevel of the first frame outside meshstate and JAX: the user's call."""
+  import meshstate
+  skip = (os.path.dirname(meshstate.__file__), os.path.dirname(jax.__file__))
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename.startswith(skip):
+    frame, level = frame.f_back, level + 1
+  return level

@@ -13,9 +13,7 @@ import dataclasses
 import functools
 import itertools
 import operator
-import os
 import re
-import sys
 import threading
 import warnings
 import weakref
@@ -27,7 +25,7 @@ from jax.sharding import Mesh
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._compat import api_boundary, array_sharding
-from meshstate._errors import BatchAxisError
+from meshstate._errors import BatchAxisError, user_stacklevel
 from meshstate._state import Frame, State, _local, frames_open, in_frame_trace, traced_write_error
 from meshstate.nn import Module
 from meshstate.random import RandomState
@@ -201,16 +199,6 @@ def _shape(value: Any) -> tuple:
   """Shape of a state's value (of its first leaf when it is a pytree)."""
   leaves = jax.tree.leaves(value)
   return tuple(getattr(leaves[0], 'shape', ())) if leaves else ()
-
-
-def _caller_stacklevel() -> int:
-  """The `warnings` stacklevel of the first frame outside meshstate and JAX: the user's call."""
-  import meshstate
-  skip = (os.path.dirname(meshstate.__file__), os.path.dirname(jax.__file__))
-  frame, level = sys._getframe(1), 1
-  while frame is not None and frame.f_code.co_filename.startswith(skip):
-    frame, level = frame.f_back, level + 1
-  return level
 
 
 def _traced(outs: Sequence[Any]) -> bool:
@@ -855,7 +843,7 @@ class StatefulMapping:
       self._warned.add(state)
       warnings.warn(f'{what} is written with per-lane values but has no out axis in '
                     f'state_out_axes; it is gathered along axis 0.', UserWarning,
-                    stacklevel=_caller_stacklevel())
+                    stacklevel=user_stacklevel())
     return 0
 
   def _auto_fed(self, disc, layout: Layout, fed: dict, paths: dict) -> dict[State, int]:
@@ -987,7 +975,7 @@ class StatefulMapping:
       warnings.warn(f'{self.name}: state_in_axes names '
                     f'{", ".join(self._describe(s, paths) for s in unread)}, which it does not '
                     f'read on this call; the entry has no effect.', UserWarning,
-                    stacklevel=_caller_stacklevel())
+                    stacklevel=user_stacklevel())
 
   def _remember(self, key: Any, entry: _Entry) -> None:
     """Cache `entry` under `key`, forgetting the least recently used one beyond `cache_size`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+import warnings
 from typing import Any, TextIO
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meshstate._compat import bound_axis_names
+from meshstate._errors import user_stacklevel
 
 __all__ = ['ProgressBar', 'progress_runner']
 
@@ -22,6 +24,8 @@ class ProgressBar:
   `jit`, `pmap2`, `vmap2` and `grad`); the host draws a `tqdm` bar when tqdm is installed and
   prints plain `desc: done/total` lines otherwise. Inside a mapped body only the first device
   (or lane) reports. `pbar=N` (an int) means `ProgressBar(freq=N)`; `pbar=True` the defaults.
+  A body mapped over some axes of an Explicit-axis mesh cannot call the host (JAX has no
+  callback there): the loop then runs without its bar, with a warning.
 
   Args:
     freq: report every `freq` steps (default: about 20 reports over the loop).
@@ -87,6 +91,12 @@ class _Runner:
 
   def tick(self, i: Any) -> None:
     """Report after step `i` (0-based, traced) when it ends a block of `every` steps."""
+    if _no_callbacks_here():
+      warnings.warn('A ProgressBar cannot report from a pmap2/shard_map body over some axes of '
+                    'an Explicit-axis mesh: JAX has no host callback there. The loop runs '
+                    'without it; give the mesh Auto axes, or map over all of them, to see it.',
+                    stacklevel=user_stacklevel())
+      return
     done = i + 1
     first = jnp.asarray(True)
     for name in bound_axis_names():   # no public query of the axis environment
@@ -119,6 +129,12 @@ class _Runner:
     if done >= self.n:
       self._tqdm.close()
       self._tqdm = None
+
+
+def _no_callbacks_here() -> bool:
+  """Whether the trace is in a shard_map body that leaves some Explicit mesh axes free."""
+  types = set(jax.sharding.get_abstract_mesh().axis_types)
+  return jax.sharding.AxisType.Manual in types and jax.sharding.AxisType.Explicit in types
 
 
 def progress_runner(pbar: Any, n: int) -> _Runner | None:
