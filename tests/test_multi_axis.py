@@ -309,6 +309,29 @@ def test_vmap2_draws_per_lane_on_an_input_sharded_on_explicit_mesh():
   assert not np.allclose(got[0], got[1])
 
 
+def test_vmap2_per_lane_state_on_no_mesh_follows_an_explicit_batch():
+  # jax.vmap refuses mapped inputs laid out differently along the mapped dimension ("should
+  # be sharded the same"): a per-lane state made with jnp.zeros follows the sharded batch.
+  x = rand(N, 3)
+  xs = jax.device_put(jnp.asarray(x), NamedSharding(jax.make_mesh((N,), ('i',)), P('i')))
+  h = State({'c': jnp.zeros((N, 3)), 'n': jnp.zeros(N, jnp.int32)})
+
+  def step(v):
+    c, _ = lax.scan(lambda c, _: (jnp.tanh(c + v), None), h.value['c'], None, length=2)
+    h.value = {'c': c, 'n': h.value['n'] + 1}
+    return c.sum()
+
+  f = vmap2(step, state_in_axes={0: h}, state_out_axes={0: h})
+  got = [f(xs), f(xs)]
+  c = np.zeros((N, 3))
+  for g in got:
+    for _ in range(2):
+      c = np.tanh(c + x)
+    close(g, c.sum(axis=1))
+  close(h.value['c'], c)
+  assert h.value['n'].tolist() == [2] * N and spec_of(h.value['c']) == P('i')
+
+
 def test_random_state_seeded_inside_vmap2_on_an_explicit_input():
   # Seeding makes a key eagerly; under the input's abstract mesh that failed to lower
   # ("... required when only AbstractMesh exists").

@@ -89,17 +89,22 @@ def lane_sharding(aval: Any, drop: int | None = None) -> Any:
   Inside the body only the mesh's Explicit axes stay in a type (the manual ones are mapped,
   Auto ones are not typed), so each dimension keeps those of its axes; dimension `drop`, which
   the lane maps away, goes. A lane whose dimensions keep none is still typed on the mesh
-  (replicated), as JAX types it: `vmap` batches such a lane over the mesh's axes.
+  (replicated), as JAX types it: `vmap` batches such a lane over the mesh's axes. So is the
+  lane of a value on no mesh, which the program places on this one first.
   """
   mesh = jax.sharding.get_abstract_mesh()
   explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types)
               if t == jax.sharding.AxisType.Explicit}
   own = getattr(aval, 'sharding', None)
   own_mesh = getattr(own, 'mesh', None)
-  if not explicit or own_mesh is None or (
-      own_mesh.axis_names, own_mesh.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
-    return None   # untyped there, or typed by another mesh (moved onto this one first)
-  spec = own.spec  # pyright: ignore[reportOptionalMemberAccess]
+  if not explicit or own_mesh is None:
+    return None
+  if not own_mesh.axis_names:
+    spec = P()
+  elif (own_mesh.axis_names, own_mesh.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
+    return None   # typed by another mesh (moved onto this one first)
+  else:
+    spec = own.spec  # pyright: ignore[reportOptionalMemberAccess]
   entries = [*spec, *[None] * (len(aval.shape) - len(spec))]
   if drop is not None:
     del entries[drop]

@@ -12,6 +12,7 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
@@ -135,22 +136,55 @@ class VmapMapper(Mapper):
     return never_blocks
 
   def plan(self, body, layout, donate):
-    fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name)),
+    fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name), layout.slot_axes),
                  donate_argnums=donate)
     return plan_of(layout, 'vmap', fn, body, donate, spmd_axis_name=self.spmd_axis_name)
 
 
-def on_typed_mesh(fn: Callable) -> Callable:
-  """`fn` traced under the abstract mesh of its Explicit-typed arguments when no mesh is set.
+def on_typed_mesh(fn: Callable, slot_axes: Sequence[int | None]) -> Callable:
+  """`fn`, a `vmap` over `slot_axes`, traced under the abstract mesh of its Explicit-typed
+  slots when no mesh is set, its mapped slots laid out alike along the mapped dimension.
 
   A value `vmap` makes itself (`axis_index`, a lane's random key) is batched over the
   arguments' sharded axis, and JAX finds that axis only in the context mesh: without one,
-  `jax.vmap` fails with "Resource axis ... not found in mesh: ()".
+  `jax.vmap` fails with "Resource axis ... not found in mesh: ()". And `vmap` refuses mapped
+  inputs laid out differently there ("should be sharded the same"): a state made on no mesh
+  follows the batch.
   """
   def traced(*slots):
     with typed_mesh(slots):
-      return fn(*slots)
+      return fn(*_aligned(slots, slot_axes))
   return traced
+
+
+def _aligned(slots: Sequence[Any], slot_axes: Sequence[int | None]) -> list:
+  """`slots`, each mapped leaf resharded, where it differs, to split its mapped dimension as
+  the first Explicit-typed mapped leaf does (values on no mesh replicated otherwise)."""
+  mapped = [(i, x, a) for i, (slot, a) in enumerate(zip(slots, slot_axes)) if a is not None
+            for x in jax.tree.leaves(slot)]
+  typed = [(jax.typeof(x).sharding, a) for _, x, a in mapped if explicitly_typed(x)]
+  if not typed:
+    return list(slots)
+  mesh, entry = typed[0][0].mesh, _entries(typed[0][0].spec, typed[0][1] + 1)[typed[0][1]]
+
+  def align(x, axis):
+    sharding = jax.typeof(x).sharding
+    own = sharding.mesh.axis_names and sharding.mesh == mesh
+    entries = _entries(sharding.spec if own else P(), jax.numpy.ndim(x))
+    if entries[axis] == entry:
+      return x
+    entries = [None if e == entry else e for e in entries]
+    entries[axis] = entry
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P(*entries)))
+
+  out = list(slots)
+  for i in {i for i, _, _ in mapped}:
+    out[i] = jax.tree.map(lambda x, a=slot_axes[i]: align(x, a), slots[i])
+  return out
+
+
+def _entries(spec: Any, ndim: int) -> list:
+  return [*spec, *[None] * (ndim - len(spec))]
 
 
 def typed_mesh(slots: Sequence[Any]):
