@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import meshstate
 from meshstate import BatchAxisError, HiddenState, ParamState, ShortTermState, State
 from meshstate.random import RandomState
-from meshstate.transform import StatefulMapping, _engine, pmap2
+from meshstate.transform import StatefulMapping, _engine, pmap2, vmap2
 from meshstate.util.filter import OfType, PathContains
 
 from helpers import N, close, no_tracer, rand
@@ -136,10 +136,19 @@ def test_policy_raise_names_the_state_and_writes_nothing():
     return v
 
   f = pmap2(step, axis_name='i', unexpected_out_state_mapping='raise')
-  with pytest.raises(BatchAxisError, match='LongTermState'):
+  with pytest.raises(BatchAxisError, match="LongTermState.*across the mapped axis 'i', but"):
     f(rand(N, 2))
   assert_unchanged([other, s], before)
   assert issubclass(BatchAxisError, ValueError)
+
+
+def test_policy_raise_of_an_unnamed_axis_says_the_mapped_axis():
+  s = State(jnp.zeros(2))
+  f = vmap2(lambda v: setattr(s, 'value', s.value + v) or v, unexpected_out_state_mapping='raise')
+  with pytest.raises(BatchAxisError, match='differs across the mapped axis, but'):
+    f(rand(N, 2))
+  with pytest.raises(ValueError, match='its value differs across the mapped axis; map it'):
+    vmap2(lambda v: v, out_axes=None)(rand(N, 2))
 
 
 def test_policy_auto_gathers_a_write_only_state_silently(no_warnings):

@@ -818,9 +818,13 @@ class StatefulMapping:
     for (path, _), axis, vma in zip(flat, axes, disc.out_vma):
       if axis is None and layout.name in vma:
         raise ValueError(f'out_axes is None for output{jax.tree_util.keystr(path)}, but its '
-                         f'value differs across the mapped axis {layout.name!r}; map it (e.g. '
+                         f'value differs across {self._axis_text()}; map it (e.g. '
                          f'out_axes=0) or reduce it with a collective first.')
     return axes
+
+  def _axis_text(self) -> str:
+    """'the mapped axis', named when the user named it."""
+    return 'the mapped axis' + ('' if self.axis_name is None else f' {self.axis_name!r}')
 
   def _layout_state_out(self, state: State, disc, in_axis, paths: dict) -> int | None:
     declared = self._first(self.state_out_axes, state, paths)
@@ -835,9 +839,9 @@ class StatefulMapping:
     policy = self.unexpected_out_state_mapping
     if policy == 'raise':
       raise BatchAxisError(
-          f'{what} is written with a value that differs across the mapped axis '
-          f'{self.axis_name!r}, but state_out_axes does not say how to map it. Declare it in '
-          f'state_out_axes, or reduce it (e.g. with jax.lax.pmean) before writing.')
+          f'{what} is written with a value that differs across {self._axis_text()}, but '
+          f'state_out_axes does not say how to map it. Declare it in state_out_axes, or reduce '
+          f'it (e.g. with jax.lax.pmean) before writing.')
     if policy == 'warn' or (policy == 'auto' and state in disc.reads
                             and state not in self._warned):
       self._warned.add(state)
