@@ -462,6 +462,35 @@ def test_pmap2_without_a_mesh_maps_over_the_context_mesh(kind):
   assert explanation.mesh.shape == mesh.shape
 
 
+def test_calls_in_and_out_of_a_context_mesh_reuse_their_programs():
+  # Each call leaves the state laid out by its own program; the next one (in or out of the
+  # context) moves it back and reuses its program instead of tracing a new one every call.
+  total = State(jnp.zeros(()))
+  f = pmap2(lambda x: setattr(total, 'value', total.value + lax.psum(x, 'data')) or x,
+            axis_name='data')
+  mesh = mesh_2x4('make_mesh')
+  for i in range(6):
+    if i % 2:
+      with jax.set_mesh(mesh):
+        f(jnp.ones(D))
+    else:
+      f(jnp.ones(D))
+  assert float(total.value) == 6 * D
+  assert f.cache_info().misses == 2 and f.cache_info().currsize == 2
+
+
+@pytest.mark.parametrize('kind', ['pmap2', 'pmap2(mesh=)', 'shard_map'])
+def test_a_state_replaced_from_another_mesh_on_every_call_reuses_the_program(kind):
+  x = rand(N, 2)
+  w = State(_on_another_explicit_mesh(jnp.zeros((N, 2))))
+  f = _accumulator(kind, w)
+  for _ in range(4):
+    f(jnp.asarray(x))
+    w.value = _on_another_explicit_mesh(w.value)   # e.g. a checkpoint restored elsewhere
+  close(w.value, 4 * x)
+  assert f.cache_info().misses == 1
+
+
 def test_pmap2_under_a_context_mesh_without_its_axis():
   w = State(jnp.ones(3))
   f = pmap2(lambda x: setattr(w, 'value', w.value + lax.psum(x, 'i')) or x, axis_name='i')

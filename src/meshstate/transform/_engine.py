@@ -630,7 +630,19 @@ class StatefulMapping:
   def _lookup(self, key, leaves, treedef, args, kwargs, static) -> _Entry:
     """The entry for `key` whose traced state signature matches the states now (else trace)."""
     with _call_lock:   # one thread traces a new signature; the others then find it cached
-      entry = self._match(self._cache.get(key, ()))
+      entries = self._cache.get(key, ())
+      entry = self._match(entries)
+      if entry is None and entries and not _local.stack:
+        # A state replaced by an array laid out elsewhere: moved where the newest program of
+        # these arguments reads it, as a first call moves it, that program may take it.
+        newest = entries[-1]
+        shardings = newest.plan.slot_shardings()
+        if shardings:
+          pairs = [(state, sharding) for state, sharding, sig in zip(
+              newest.in_states, shardings[len(shardings) - len(newest.in_states):], newest.sig)
+              if _shapes(state._value) == _shapes(sig[0] if self._mapper.keeps_layout else sig)]
+          self._placed([p[0] for p in pairs], None, [p[1] for p in pairs])
+          entry = self._match(entries)
       if entry is None:
         entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
       return entry
@@ -1001,17 +1013,20 @@ class StatefulMapping:
       for flat_key in [k for k, v in self._flat.items() if v is entries]:
         del self._flat[flat_key]
 
-  def _placed(self, states: list[State], layout: Layout) -> list:
-    """The states' values, first moved (once) to where the program reads them.
+  def _placed(self, states: Sequence[State], layout: Layout | None,
+              shardings: Sequence[Any] | None = None) -> list:
+    """The states' values, first moved (once) to where the program reads them (`shardings`,
+    else the mapper's for `layout`).
 
     A state that arrives laid out as the program wants is passed without a copy on every call;
     without this, a state that is only read would be copied to the mesh on every call.
     """
     vals = [s._value for s in states]
-    shardings = self._mapper.slot_shardings(layout)
+    if shardings is None and layout is not None:
+      shardings = self._mapper.slot_shardings(layout)
+      shardings = shardings[layout.n_leaves:] if shardings else None
     if not shardings:
       return vals
-    shardings = shardings[layout.n_leaves:]
     placed, moves = [], []   # indices of values placed; of those one device_put moves
     for i, sharding in enumerate(shardings):
       value = vals[i]
@@ -1023,6 +1038,8 @@ class StatefulMapping:
           for x in arrays):
         continue   # already on this mesh: its layout over the other axes is kept
       if not sharding.is_fully_addressable and not any(map(is_global, arrays)):
+        if layout is None:   # each process's part: only a new trace knows its lanes
+          continue
         vals[i] = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
                                      layout.size)
         placed.append(i)
@@ -1219,6 +1236,12 @@ def _typed_off_mesh(plan: Plan, leaves: Sequence[Any]) -> bool:
 def _eval_shape(probe: Callable, leaves: list) -> None:
   """Trace `probe` without any mapped axis (no jaxpr to analyse: nothing varies)."""
   jax.eval_shape(probe, *leaves)
+
+
+def _shapes(tree: Any) -> list:
+  """(shape, dtype) of each leaf of a value or of its abstract values."""
+  return [(tuple(getattr(x, 'shape', ())), getattr(x, 'dtype', None))
+          for x in jax.tree.leaves(tree)]
 
 
 def _lane_shape(value: Any, axis: Any) -> tuple | None:
