@@ -632,20 +632,28 @@ class StatefulMapping:
     with _call_lock:   # one thread traces a new signature; the others then find it cached
       entries = self._cache.get(key, ())
       entry = self._match(entries)
-      if entry is None and entries and not _local.stack:
-        # A state replaced by an array laid out elsewhere: moved where the newest program of
-        # these arguments reads it, as a first call moves it, that program may take it.
-        newest = entries[-1]
-        shardings = newest.plan.slot_shardings()
-        if shardings:
-          pairs = [(state, sharding) for state, sharding, sig in zip(
-              newest.in_states, shardings[len(shardings) - len(newest.in_states):], newest.sig)
-              if _shapes(state._value) == _shapes(sig[0] if self._mapper.keeps_layout else sig)]
-          self._placed([p[0] for p in pairs], None, [p[1] for p in pairs])
-          entry = self._match(entries)
+      if entry is None and entries and not _local.stack and self._place_for(entries[-1]):
+        entry = self._match(entries)
       if entry is None:
         entry, _ = self._compile(key, treedef, leaves, args, kwargs, static)
       return entry
+
+  def _place_for(self, entry: _Entry) -> bool:
+    """Move the states where `entry`'s program reads them, as its first call did (those whose
+    shapes and dtypes are its own); whether it has places to move them to.
+
+    A state replaced by an array laid out elsewhere (another mesh's) may then match the entry
+    again, instead of tracing a new program on every call.
+    """
+    shardings = entry.plan.slot_shardings()
+    if not shardings:
+      return False
+    avals = (lambda sig: sig[0]) if self._mapper.keeps_layout else (lambda sig: sig)
+    pairs = [(state, sharding) for state, sharding, sig in zip(
+        entry.in_states, shardings[len(shardings) - len(entry.in_states):], entry.sig)
+        if _shapes(state._value) == _shapes(avals(sig))]
+    self._placed([p[0] for p in pairs], None, [p[1] for p in pairs])
+    return True
 
   def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The cache entry for these arguments (traced, not run, on a miss), leaves, state values."""
