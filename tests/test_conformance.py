@@ -409,6 +409,21 @@ def test_shard_map_spellings(spelling):
   assert w.spec == P('i')
 
 
+@pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
+def test_shard_map_on_the_context_mesh_inside_jit_and_for_loop(kind):
+  # Called inside a trace, it reads the context mesh there too ("there is no context mesh"
+  # before: JAX's get_mesh refuses to be called while a jit traces).
+  mesh = mesh_2x4(kind)
+  w = ParamState(jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P(None, 'model'))))
+  step = shard_map(lambda x: setattr(w, 'value', w.value + lax.pmean(x.sum(), 'data')) or x,
+                   in_specs=P('data'), out_specs=P('data'), axis_names={'data'})
+  with jax.sharding.set_mesh(mesh):
+    meshstate.transform.jit(lambda xs: meshstate.transform.for_loop(step, xs))(
+        jnp.ones((3, 2, 5)))
+  close(w.value, np.full((4, 8), 16.0))
+  assert w.spec == P(None, 'model')
+
+
 def test_shard_map_without_any_mesh_says_how_to_give_one():
   f = shard_map(lambda x: x, in_specs=P(), out_specs=P())
   with pytest.raises(ValueError, match='no context mesh'):

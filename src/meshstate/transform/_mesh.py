@@ -407,7 +407,6 @@ class SpecMapper(_ShardMapMapper):
 
   def __init__(self, mesh: Mesh | None, axis_names: Any = None, check_vma: bool = True):
     self._mesh = mesh
-    self._context: Mesh | None = None
     self.follows_context = mesh is None
     self._axis_names = None if axis_names is None else frozenset(axis_names)
     self.check_vma = check_vma
@@ -416,10 +415,7 @@ class SpecMapper(_ShardMapMapper):
   def user_mesh(self) -> Mesh:
     if self._mesh is not None:
       return self._mesh
-    try:
-      mesh = self._context = jax.sharding.get_mesh()
-    except ValueError:   # while tracing: the context mesh read when this call began
-      mesh = self._context
+    mesh = _compat.context_mesh()   # also while an enclosing jit traces
     if not isinstance(mesh, Mesh) or not mesh.axis_names:
       raise ValueError('shard_map was given no mesh= and there is no context mesh; pass mesh=, '
                        'or call it under `with jax.sharding.set_mesh(mesh):`.')
