@@ -1095,8 +1095,8 @@ class StatefulMapping:
       written_tree, shapes = disc.write_leaves[state]
       axis = in_layout[state]
       # Each leaf written with its lane shape keeps its layout (a pytree's leaf by leaf).
-      each = [mapper.keep(x, axis, out, layout) if tree == written_tree and
-              _lane_shape(x, axis) == shape else None for x, shape in zip(leaves, shapes)]
+      each = [mapper.keep(x, axis, out, layout) if _lane_shape(x, axis) == shape else None
+              for x, shape in zip(leaves, shapes)] if tree == written_tree else []
       if jax.tree_util.treedef_is_leaf(tree):
         kept.append(each[0] if each else None)
       else:

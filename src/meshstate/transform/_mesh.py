@@ -24,7 +24,7 @@ from meshstate import _compat
 from meshstate.transform._axes import entry_axes, spec_at
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
-from meshstate.transform._discover import Traced, lane_aval, trace_lanes
+from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
 from meshstate.transform._multihost import global_devices
 
@@ -126,9 +126,8 @@ def typed_elsewhere(x: Any, mesh: Any) -> bool:
 
   Laid out over the same devices or not, such a value cannot enter a program on `mesh`.
   """
-  own = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)  # an AbstractMesh
-  return (own is not None and bool(own.axis_names) and AxisType.Explicit in own.axis_types
-          and own != getattr(mesh, 'abstract_mesh', mesh))
+  return explicitly_typed(x) and (  # its type's mesh is an AbstractMesh
+      jax.typeof(x).sharding.mesh != getattr(mesh, 'abstract_mesh', mesh))
 
 
 class _ShardMapMapper(Mapper):

@@ -65,7 +65,7 @@ class StatefulShardMap(StatefulMapping):
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
-    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> from jax.sharding import Mesh, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()), ('i',))
     >>> f = meshstate.transform.StatefulShardMap(lambda x: x * 2, mesh, P('i'), P('i'))
     >>> f(jnp.ones(len(jax.devices()))).sum() == 2 * len(jax.devices())
@@ -267,7 +267,7 @@ def shard_map(fun: Callable[..., Any] | None = None, mesh: Mesh | None = None,
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, meshstate
-    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> from jax.sharding import Mesh, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()), ('i',))
     >>> n = len(jax.devices())
     >>> w = meshstate.ParamState(jnp.zeros((n, 2)))
