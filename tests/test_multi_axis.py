@@ -142,6 +142,23 @@ def test_loops_around_a_model_sharded_step_equal_its_eager_steps(mesh, kind, loo
   assert spec_of(states[0].value) == P(None, 'model') and int(states[2].value) == 4
 
 
+def test_random_draws_of_a_checked_shard_map_in_scan_equal_its_eager_draws(mesh):
+  # The key is an enclosing trace's value typed on the whole (Explicit) mesh; the body's view
+  # of it must be typed by the body's mesh, where 'data' is manual.
+  rng = RandomState(1)
+  f = T.shard_map(lambda xb: (xb[0].sum() + rng.uniform())[None], mesh, P('data'), P('data'),
+                  axis_names={'data'})
+  xs = jnp.asarray(rand(3, D, 5, 3))
+  f(xs[0])   # the key now holds the program's output, laid out on the mesh
+  start = rng.value
+  eager = jnp.stack([f(x) for x in xs])
+  after, rng.value = rng.value, start
+  got = T.scan(lambda c, x: (c, f(x)), 0, xs)[1]
+  close(got, eager)
+  np.testing.assert_array_equal(rng.value, after)
+  assert len(set(np.asarray(eager).ravel().tolist())) == eager.size   # lanes and steps differ
+
+
 def test_stateful_jit_keeps_model_sharding(mesh):
   w0 = rand(3, 8)
   weight = ParamState(jax.device_put(jnp.asarray(w0), NamedSharding(mesh, P(None, 'model'))))

@@ -369,7 +369,17 @@ def test_unchecked_shard_map_over_every_axis_of_an_explicit_mesh_traces_once(mon
 def _model_sharded_step(kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
-  mesh = mesh_2x4('make_mesh')
+  f, states, traces = _model_sharded(kind)
+  x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
+  outs = [np.asarray(f(x)), np.asarray(f(x + 1))]
+  monkeypatch.undo()
+  return outs, tuple(s.value for s in states), len(traces)
+
+
+def _model_sharded(kind, mesh_kind='make_mesh'):
+  """A model-sharded training step on a 2 x 4 mesh, Explicit unless `mesh_kind='Mesh'`:
+  (f, its states, traces list)."""
+  mesh = mesh_2x4(mesh_kind)
   w = ParamState(jax.device_put(jnp.arange(12.0).reshape(3, 4) / 10,
                                 NamedSharding(mesh, P(None, 'model'))))
   h = ShortTermState(jax.device_put(jnp.zeros((2, 5, 4)), NamedSharding(mesh, P('data', None,
@@ -391,10 +401,7 @@ def _model_sharded_step(kind, monkeypatch, lift):
     f = shard_map(lambda xb: step(xb[0])[None], mesh, P('data'), P('data'),
                   state_in_specs={h: P('data'), w: P()}, state_out_specs={h: P('data'), w: P()},
                   axis_names={'data'}, check_vma=kind == 'shard_map checked')
-  x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
-  outs = [np.asarray(f(x)), np.asarray(f(x + 1))]
-  monkeypatch.undo()
-  return outs, (w.value, h.value, count.value), len(traces)
+  return f, (w, h, count), traces
 
 
 @pytest.mark.parametrize('kind', ['pmap2', 'shard_map', 'shard_map checked'])
@@ -435,3 +442,51 @@ def test_an_argument_sharded_over_an_automatic_explicit_axis_traces_once(kind, m
   # x keeps its 'model' layout inside the body: discovery's lane of it is typed so too.
   outs, states = _one_trace_equals_two(_model_typed_argument, kind, monkeypatch)
   assert str(jax.typeof(outs[0])) == 'float32[2@data,8@model,4]'
+
+
+_LOOPS = {
+    'jit(for_loop)': lambda f, x: jit(lambda x: meshstate.transform.for_loop(
+        lambda i: f(x * i), jnp.arange(1.0, 4.0)))(x),
+    'scan': lambda f, x: meshstate.transform.scan(lambda c, i: (c + f(x * i).sum(), None),
+                                                  0.0, jnp.arange(2.0))[0],
+    'jit(cond)': lambda f, x: jit(lambda x: meshstate.transform.cond(
+        x.sum() > 0, lambda: f(x), lambda: f(-x)))(x),
+}
+
+
+def _looped(loop, kind, monkeypatch, lift):
+  """A mapped training step called in a loop (an epoch): its body traced inside the loop's."""
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  if kind in ('pmap2', 'vmap2'):
+    s, traces = _states(), []
+
+    def body(x):
+      traces.append(1)
+      w = s['w'].value
+      g = lax.pmean(jax.grad(lambda w: jnp.sum((w * x - s['tree'].value['a']) ** 2))(w), 'i')
+      s['w'].value = w - 0.1 * g
+      s['total'].value = s['total'].value + lax.psum(x.sum(), 'i')
+      return x * s['w'].value + s['rng'].uniform()
+
+    f = (pmap2 if kind == 'pmap2' else vmap2)(body, axis_name='i', state_in_axes={0: s['w']},
+                                              state_out_axes={0: s['w']})
+    states, x = tuple(s.values()), jnp.arange(N * 3.0).reshape(N, 3) / 10
+  else:
+    kind, on = kind.split(' on an ')
+    f, states, traces = _model_sharded(kind, 'Mesh' if on == 'Auto mesh' else 'make_mesh')
+    x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3) / 30
+  outs = _LOOPS[loop](f, x)
+  monkeypatch.undo()
+  return outs, jax.tree.map(np.asarray, [st.value for st in states]), len(traces)
+
+
+@pytest.mark.parametrize('loop, kind', [
+    ('jit(for_loop)', 'pmap2'), ('scan', 'pmap2'), ('jit(cond)', 'pmap2'),
+    ('jit(for_loop)', 'vmap2'), ('jit(for_loop)', 'pmap2 on an Explicit mesh'),
+    ('scan', 'shard_map checked on an Auto mesh')])
+def test_a_mapped_step_inside_a_loop_traces_once(loop, kind, monkeypatch):
+  # The step's body is traced inside the loop's: its state reads are the enclosing trace's
+  # values, and they are lifted to the program's inputs as at the top level.
+  outs, states = _one_trace_equals_two(_looped, loop, kind, monkeypatch)
+  assert np.isfinite(np.asarray(outs)).all()

@@ -926,12 +926,16 @@ class StatefulMapping:
       layout.size = self._size_from_states(leaves, layout, body, paths)
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
-    # Traced inside another transform, the states' values are its tracers: a reader still types
-    # their views as lanes (an Explicit mesh's axes included), but the program is traced again.
+    # Traced inside another transform, the states' values are its tracers, which a reader types
+    # as lanes even when the program is traced again (an Explicit mesh's axes included); inside
+    # another mapping's mesh body the views' mesh is not the program's, so it is traced again.
     nested = bool(_local.stack)
-    blocks = never_blocks if nested else mapper.unliftable(layout)
+    blocks = mapper.unliftable(layout, placed=not nested)
     if blocks is not None and any(map(blocks, leaves)):
       blocks = None
+    lift = blocks is not None and (not nested or context_key() is None)
+    if nested and blocks is None:
+      blocks = never_blocks
     while True:
       reader = None if blocks is None else Reader(blocks)
       meshes = _calls.meshes
@@ -970,7 +974,7 @@ class StatefulMapping:
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = None
-    if reader is not None and not nested and _calls.meshes == meshes:   # (nor a nested map)
+    if lift and reader is not None and _calls.meshes == meshes:   # (else a nested map differs)
       program = reader.program(disc, len(leaves), out_states, random_in, self._lane_names(layout))
     if program is None:
       program = self._program(body, random_in, layout, disc.out_avals)

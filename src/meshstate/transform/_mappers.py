@@ -87,9 +87,11 @@ class Mapper:
     """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""
     return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout: Any) -> Callable[[Any], bool] | None:
+  def unliftable(self, layout: Any, placed: bool = True) -> Callable[[Any], bool] | None:
     """What keeps the discovery jaxpr from being the program (`_lift.py`): a test of each
-    argument and state value, or None when no program of this layout can be lifted.
+    argument and state value, or None when no program of this layout can be lifted. `placed`:
+    whether the call lays its states out first (`_placed`); a call nested in another
+    transform takes them as that transform's values are.
 
     Discovery traces untyped lanes, so by default a value typed by an Explicit-axis mesh
     (whose sharding is part of its type in the program) keeps it from lifting.
@@ -132,7 +134,7 @@ class VmapMapper(Mapper):
     with typed_mesh(slots):
       return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout):
+  def unliftable(self, layout, placed=True):
     return never_blocks
 
   def plan(self, body, layout, donate):
@@ -209,7 +211,7 @@ class JitMapper(Mapper):
              for x in slots]
     return trace_lanes(probe, avals, [frozenset()] * len(slots), [])
 
-  def unliftable(self, layout):
+  def unliftable(self, layout, placed=True):
     return never_blocks
 
   def plan(self, body, layout, donate):

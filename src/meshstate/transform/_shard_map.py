@@ -145,7 +145,8 @@ class StatefulShardMap(StatefulMapping):
   def _view(self, state, base, layout, paths, fed, reader):
     typed = self._mapper.check_vma   # the view is typed by shard_map: slots typed like it
     if isinstance(state, RandomState):
-      key = (base if reader is None else reader.read_like(state, base) if typed
+      # Typed: the key enters replicated, typed by the body's mesh (not an enclosing trace's).
+      key = (base if reader is None else reader.read_like(state, placeholder(base)) if typed
              else reader.read(state, base))
       return lane_key(key, layout.name)[1]
     spec = self._layout_state_in(state, paths, fed)
