@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import meshstate
@@ -349,6 +349,32 @@ def test_vmap2_per_lane_state_on_no_mesh_follows_an_explicit_batch():
   assert h.value['n'].tolist() == [2] * N and spec_of(h.value['c']) == P('i')
 
 
+def test_vmap2_draws_per_lane_with_a_state_sharded_on_explicit_mesh_and_a_plain_batch():
+  # Only the per-lane state is typed by the mesh: the program runs under its mesh, and so
+  # must what it batches (the lane keys, the draws' jitted functions), or JAX fails with
+  # "Resource axis: i ... not found in mesh: ()".
+  x, w0 = rand(N, 3), rand(N, 3)
+  rs, w = RandomState(0), ParamState(jax.device_put(
+      jnp.asarray(w0), NamedSharding(jax.make_mesh((N,), ('i',)), P('i'))))
+
+  def step(v):
+    w.value = w.value * 0.5 + v
+    return v.sum() + rs.uniform()
+
+  f = vmap2(step, state_in_axes={0: w}, state_out_axes={0: w})
+  got = [f(jnp.asarray(x)), f(jnp.asarray(x))]
+  rs.seed(0)
+  w_plain = ParamState(jnp.asarray(w0))
+  ref = vmap2(lambda v: (setattr(w_plain, 'value', w_plain.value * 0.5 + v), v.sum() +
+                         rs.uniform())[1], state_in_axes={0: w_plain},
+              state_out_axes={0: w_plain})
+  want = [ref(jnp.asarray(x)), ref(jnp.asarray(x))]
+  for g, r in zip(got, want):
+    close(g, r)
+  close(w.value, w_plain.value)
+  assert spec_of(w.value) == P('i') and len(np.unique(np.asarray(got[0]).round(5))) == N
+
+
 def test_random_state_seeded_inside_vmap2_on_an_explicit_input():
   # Seeding makes a key eagerly; under the input's abstract mesh that failed to lower
   # ("... required when only AbstractMesh exists").
@@ -425,18 +451,28 @@ def test_random_draws_differ_across_data_on_auto_mesh():
   assert not np.array_equal(np.asarray(rs.value), k0)
 
 
-def test_several_lanes_per_device_draw_and_index_on_explicit_mesh():
+@pytest.mark.parametrize('axes', ['2x4', '1-D'])
+def test_several_lanes_per_device_draw_and_index_on_explicit_mesh(axes):
   # Two lanes per 'data' device run as a vmap: on Explicit axes it needs the mesh in context
-  # for the lane keys and axis_index it batches ("Resource axis: data ... not found" before).
+  # for the lane keys and axis_index it batches ("Resource axis: data ... not found" before,
+  # on a 1-D mesh also from the random draws' own jitted functions).
+  def make(kind):
+    if axes == '2x4':
+      return mesh_2x4(kind)
+    devices = np.array(jax.devices()[:8])
+    return (Mesh(devices, ('data',)) if kind == 'Mesh' else
+            Mesh(devices, ('data',), axis_types=(jax.sharding.AxisType.Explicit,)))
+
   def run(kind):
-    rs, w = RandomState(0), ParamState(jnp.ones((2 * D, 3)))
+    mesh = make(kind)
+    lanes = 2 * mesh.shape['data']
+    rs, w = RandomState(0), ParamState(jnp.ones((lanes, 3)))
 
     def step(x):
       w.value = w.value * 2 + x
       return x + rs.uniform() + lax.axis_index('data')
-    f = pmap2(step, axis_name='data', mesh=mesh_2x4(kind), state_in_axes={0: w},
-              state_out_axes={0: w})
-    x = jnp.arange(2 * D * 3.0).reshape(2 * D, 3)
+    f = pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: w}, state_out_axes={0: w})
+    x = jnp.arange(lanes * 3.0).reshape(lanes, 3)
     return [f(x), f(x)], w.value, x
 
   (outs, w, x), (want, w_auto, _) = run('make_mesh'), run('Mesh')
@@ -444,8 +480,8 @@ def test_several_lanes_per_device_draw_and_index_on_explicit_mesh():
     close(got, ref)
   close(w, w_auto)
   close(w, 4 + 3 * x)
-  draws = np.asarray(outs[0]) - x - np.arange(2 * D)[:, None]
-  assert len(np.unique(draws[:, 0].round(5))) == 2 * D   # each lane its own key
+  draws = np.asarray(outs[0]) - x - np.arange(len(x))[:, None]
+  assert len(np.unique(draws[:, 0].round(5))) == len(x)   # each lane its own key
   assert outs[0].sharding.spec[0] == 'data'
 
 

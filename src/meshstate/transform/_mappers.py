@@ -87,11 +87,12 @@ class Mapper:
     """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""
     return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout: Any, placed: bool = True) -> Callable[[Any], bool] | None:
+  def unliftable(self, layout: Any, args: Sequence[Any] = (),
+                 placed: bool = True) -> Callable[[Any], bool] | None:
     """What keeps the discovery jaxpr from being the program (`_lift.py`): a test of each
-    argument and state value, or None when no program of this layout can be lifted. `placed`:
-    whether the call lays its states out first (`_placed`); a call nested in another
-    transform takes them as that transform's values are.
+    argument and state value, or None when no program of this layout can be lifted. `args`:
+    the call's argument leaves; `placed`: whether the call lays its states out first
+    (`_placed`); a call nested in another transform takes them as that transform's values are.
 
     Discovery traces untyped lanes, so by default a value typed by an Explicit-axis mesh
     (whose sharding is part of its type in the program) keeps it from lifting.
@@ -122,9 +123,10 @@ def vmapped(fn: Callable, layout: Any, spmd_axis_name: Any = None) -> Callable:
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`).
 
-  Discovery and the program are both traced under the mesh of Explicit-typed arguments
-  (`typed_mesh`), so discovery types each lane as the program's (`lane_aval`) and any
-  program lifts.
+  Discovery is traced under the mesh of Explicit-typed arguments (`typed_mesh`), and so is the
+  program, whose slots include the states: discovery types each lane as the program's
+  (`lane_aval`), and a program lifts unless a state is typed by a mesh discovery was not
+  traced under.
   """
 
   def __init__(self, spmd_axis_name: Any = None):
@@ -134,8 +136,12 @@ class VmapMapper(Mapper):
     with typed_mesh(slots):
       return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout, placed=True):
-    return never_blocks
+  def unliftable(self, layout, args=(), placed=True):
+    # The program runs under the mesh of a typed state when no argument is typed: what vmap
+    # batches there (a lane's key, a random draw's own jitted function) needs that mesh, which
+    # discovery's trace did not have.
+    mesh = typed_mesh_of(args)
+    return lambda x: explicitly_typed(x) and jax.typeof(x).sharding.mesh != mesh
 
   def plan(self, body, layout, donate):
     fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name), layout.slot_axes),
@@ -189,12 +195,22 @@ def _entries(spec: Any, ndim: int) -> list:
   return [*spec, *[None] * (ndim - len(spec))]
 
 
+def typed_mesh_of(slots: Sequence[Any]) -> Any:
+  """The abstract mesh `typed_mesh(slots)` traces under: the context's if one is set, else
+  that of the first Explicit-typed value in `slots`, else None."""
+  context = jax.sharding.get_abstract_mesh()
+  if context.axis_names:
+    return context
+  typed = [x for x in jax.tree.leaves(slots) if explicitly_typed(x)]
+  return jax.typeof(typed[0]).sharding.mesh if typed else None
+
+
 def typed_mesh(slots: Sequence[Any]):
   """Context: the abstract mesh of the first Explicit-typed value in `slots`, if no mesh is set."""
-  typed = [x for x in jax.tree.leaves(slots) if explicitly_typed(x)]
-  if not typed or jax.sharding.get_abstract_mesh().axis_names:
+  mesh = typed_mesh_of(slots)
+  if mesh is None or jax.sharding.get_abstract_mesh().axis_names:
     return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(jax.typeof(typed[0]).sharding.mesh)
+  return jax.sharding.use_abstract_mesh(mesh)
 
 
 class JitMapper(Mapper):
@@ -211,7 +227,7 @@ class JitMapper(Mapper):
              for x in slots]
     return trace_lanes(probe, avals, [frozenset()] * len(slots), [])
 
-  def unliftable(self, layout, placed=True):
+  def unliftable(self, layout, args=(), placed=True):
     return never_blocks
 
   def plan(self, body, layout, donate):

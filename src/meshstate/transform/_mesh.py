@@ -167,7 +167,7 @@ class _ShardMapMapper(Mapper):
                    for v, s in zip(slots, in_specs))
     return mapped, fit
 
-  def unliftable(self, layout, placed=True):
+  def unliftable(self, layout, args=(), placed=True):
     # For lanes discovery does not type: a value keeps the types of the mesh's Explicit axes
     # that are not manual, which such lanes lack, so the program is traced in place. When
     # every Explicit axis is manual, values are untyped whatever their arguments' types were.
@@ -303,12 +303,16 @@ class MeshMapper(_ShardMapMapper):
     return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
                    out_shardings=outs, spmd_axis_name=layout.name)
 
-  def unliftable(self, layout, placed=True):
+  def unliftable(self, layout, args=(), placed=True):
     # A state keeps its layout over the other axes (`_placed` leaves them), and `fit` reshards
     # only the mapped axis: discovery's lanes, typed by the values as they come
-    # (`lane_sharding`), are typed like the program's. (With more lanes than devices the
-    # program is a vmap, whose lanes discovery does not type.)
-    return never_blocks if self.lanes_per_device(layout) == 1 else super().unliftable(layout)
+    # (`lane_sharding`), are typed like the program's. With more lanes than devices the
+    # program is a vmap under the mesh, which discovery is not traced under: on Explicit axes
+    # what it batches (a lane's key, the draws' own jitted functions) needs that mesh.
+    if self.lanes_per_device(layout) == 1:
+      return never_blocks
+    mesh = self.mesh(layout.size, layout.name)
+    return None if AxisType.Explicit in tuple(mesh.axis_types) else never_blocks
 
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
@@ -429,7 +433,7 @@ class SpecMapper(_ShardMapMapper):
                        f'which are not axes of the mesh {dict(mesh.shape)}.')
     return self._axis_names
 
-  def unliftable(self, layout, placed=True):
+  def unliftable(self, layout, args=(), placed=True):
     # Specs name only manual axes, and a call lays each state out by its spec (`_placed`): in
     # the body a state keeps no other axis in its type, as discovery's views (`_placed_like`,
     # placeholders) don't; an argument keeps its other axes, and its lane is typed by them.
