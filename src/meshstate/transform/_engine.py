@@ -663,7 +663,9 @@ class StatefulMapping:
 
   def _sig(self, value: Any) -> Any:
     sig = jax.tree.map(jax.typeof, value)
-    if self._mapper.keeps_layout:   # where each leaf is laid out, which the program keeps
+    # Where each leaf is laid out, which the program keeps (a nested call takes its values
+    # as they come, concrete or the enclosing trace's, and keeps nothing).
+    if self._mapper.keeps_layout and not _local.stack:
       return sig, tuple(getattr(x, 'sharding', None) for x in jax.tree.leaves(value))
     return sig
 
@@ -931,8 +933,6 @@ class StatefulMapping:
     # another mapping's mesh body the views' mesh is not the program's, so it is traced again.
     nested = bool(_local.stack)
     blocks = mapper.unliftable(layout, leaves, placed=not nested)
-    if blocks is not None and any(map(blocks, leaves)):
-      blocks = None
     lift = blocks is not None and (not nested or context_key() is None)
     if nested and blocks is None:
       blocks = never_blocks
@@ -1039,27 +1039,27 @@ class StatefulMapping:
       shardings = shardings[layout.n_leaves:] if shardings else None
     if not shardings:
       return vals
-    placed, moves = [], []   # indices of values placed; of those one device_put moves
-    for i, sharding in enumerate(shardings):
+    placed, moves, targets = [], [], []   # indices of values placed; of those one device_put
+    for i, sharding in enumerate(shardings):   # moves (to `targets`, leaf by leaf)
       value = vals[i]
-      arrays = jax.tree.leaves(value)
+      arrays, tree = jax.tree.flatten(value)
       if not all(isinstance(x, jax.Array) for x in arrays):
         continue
-      if self._mapper.keeps_layout and all(
-          isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == sharding.mesh
-          for x in arrays):
-        continue   # already on this mesh: its layout over the other axes is kept
       if not sharding.is_fully_addressable and not any(map(is_global, arrays)):
         if layout is None:   # each process's part: only a new trace knows its lanes
           continue
         vals[i] = self._to_processes(value, sharding, layout.slot_axes[layout.n_leaves + i],
                                      layout.size)
         placed.append(i)
-      elif any(not x.sharding.is_equivalent_to(sharding, x.ndim) or
-               typed_elsewhere(x, sharding.mesh) for x in arrays):
+        continue
+      # A mapper that keeps layouts leaves a value on its mesh laid out over the other axes.
+      where = [self._mapper.place(x, sharding) for x in arrays]
+      if any(not x.sharding.is_equivalent_to(w, x.ndim) or typed_elsewhere(x, w.mesh)
+             for x, w in zip(arrays, where)):
         moves.append(i)
+        targets.append(tree.unflatten(where))
     if moves:   # one batched transfer: much cheaper than one device_put per state
-      moved = jax.device_put([vals[i] for i in moves], [shardings[i] for i in moves])
+      moved = jax.device_put([vals[i] for i in moves], targets)
       for i, value in zip(moves, moved):
         vals[i] = value
     for i in placed + moves:

@@ -69,6 +69,7 @@ class Mapper:
   on_mesh: Callable[[Any], Mapper]
   add_axis: Callable[[Any], None]
   keep: Callable[..., Any]
+  keep_spec: Callable[[Any, Any], Any]
   manual: Callable[[Any], frozenset]
 
   def slot_shardings(self, layout: Any) -> list | None:
@@ -90,14 +91,23 @@ class Mapper:
   def unliftable(self, layout: Any, args: Sequence[Any] = (),
                  placed: bool = True) -> Callable[[Any], bool] | None:
     """What keeps the discovery jaxpr from being the program (`_lift.py`): a test of each
-    argument and state value, or None when no program of this layout can be lifted. `args`:
-    the call's argument leaves; `placed`: whether the call lays its states out first
-    (`_placed`); a call nested in another transform takes them as that transform's values are.
+    state value read, or None when nothing of this call (its argument leaves `args`) can be
+    lifted. `placed`: whether the call lays its states out first (`_placed`); a call nested
+    in another transform takes them as that transform's values are.
 
     Discovery traces untyped lanes, so by default a value typed by an Explicit-axis mesh
     (whose sharding is part of its type in the program) keeps it from lifting.
     """
-    return explicitly_typed
+    return None if any(map(explicitly_typed, args)) else explicitly_typed
+
+  def place(self, x: Any, sharding: Any) -> Any:
+    """Where a call moves leaf `x` of a state whose slot is laid out by `sharding` (`_placed`):
+    there, or where it is when it is on that mesh and this mapper keeps layouts."""
+    now = getattr(x, 'sharding', None)
+    if self.keeps_layout and isinstance(now, jax.sharding.NamedSharding) and (
+        now.mesh == sharding.mesh):
+      return now
+    return sharding
 
   def plan(self, body: Callable, layout: Any, donate: tuple[int, ...]) -> Plan:
     raise NotImplementedError

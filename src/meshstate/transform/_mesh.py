@@ -109,16 +109,21 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
 
   shard_map does not reshard inputs on Explicit-axis meshes; this does it first.
   """
-  current = tuple(jax.typeof(x).sharding.spec)
-  current += (None,) * (jnp.ndim(x) - len(current))
+  current = jax.typeof(x).sharding.spec
+  want = merge_spec(current, spec, manual, jnp.ndim(x))
+  if tuple(want) == tuple(current) + (None,) * (jnp.ndim(x) - len(current)):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, want))
+
+
+def merge_spec(now: P, spec: P, manual: frozenset, ndim: int) -> P:
+  """`spec` over the `manual` axes, and `now`'s other axes where they were (rank `ndim`)."""
   want = []
-  for dim, entry in enumerate(current):
+  for dim, entry in enumerate(tuple(now) + (None,) * (ndim - len(now))):
     kept = tuple(a for a in entry_axes(entry) if a not in manual)
     new = kept + (entry_axes(spec[dim]) if dim < len(spec) else ())
     want.append(None if not new else new[0] if len(new) == 1 else new)
-  if tuple(want) == current:
-    return x
-  return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
+  return P(*want)
 
 
 def typed_elsewhere(x: Any, mesh: Any) -> bool:
@@ -413,6 +418,10 @@ class SpecMapper(_ShardMapMapper):
     self.follows_context = mesh is None
     self._axis_names = None if axis_names is None else frozenset(axis_names)
     self.check_vma = check_vma
+    # Over some of the mesh's axes, a state keeps its layout over the others, as an argument
+    # of JAX's shard_map does: specs name the manual axes only.
+    self.keeps_layout = self._axis_names is not None and (
+        mesh is None or self._axis_names != frozenset(mesh.axis_names))
 
   @property
   def user_mesh(self) -> Mesh:
@@ -434,11 +443,26 @@ class SpecMapper(_ShardMapMapper):
     return self._axis_names
 
   def unliftable(self, layout, args=(), placed=True):
-    # Specs name only manual axes, and a call lays each state out by its spec (`_placed`): in
-    # the body a state keeps no other axis in its type, as discovery's views (`_placed_like`,
-    # placeholders) don't; an argument keeps its other axes, and its lane is typed by them.
-    # A nested call takes the states as they are, so they may keep other Explicit axes.
+    # A call lays each state out by its spec over the manual axes, keeping its other axes
+    # (`_placed`), as an argument keeps them: discovery's views are typed so (`_placed_like`,
+    # typed placeholders). A nested call takes the states as they are, laid out anywhere.
     return never_blocks if placed else super().unliftable(layout)
+
+  def place(self, x, sharding):
+    return self.keep_spec(x, sharding.spec) or sharding
+
+  def keep(self, value, in_spec, out_spec, layout):
+    """The sharding that keeps a written state's layout over the mesh's non-manual axes."""
+    return self.keep_spec(value, P() if out_spec is None else out_spec)
+
+  def keep_spec(self, x: Any, spec: P) -> NamedSharding | None:
+    """`spec` over the manual axes, `x`'s layout over the others (None: `x` is not on the
+    mesh, or this shard_map is manual over every axis)."""
+    now = getattr(x, 'sharding', None)
+    mesh = self.user_mesh
+    if not self.keeps_layout or not isinstance(now, NamedSharding) or now.mesh != mesh:
+      return None
+    return NamedSharding(mesh, merge_spec(now.spec, spec, self.manual(mesh), x.ndim))
 
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)

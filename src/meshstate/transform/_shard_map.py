@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Sequence, overload
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -13,8 +14,9 @@ from meshstate._state import State
 from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._engine import Layout, StatefulMapping
+from meshstate.transform._lift import Reader
 from meshstate.transform._mesh import SpecMapper, block_shape, spec_axes
-from meshstate.transform._discover import lane_key, placeholder, vary
+from meshstate.transform._discover import explicitly_typed, lane_key, placeholder, vary, vma_of
 from meshstate.util.filter import Everything, to_predicate
 
 __all__ = ['shard_map', 'StatefulShardMap']
@@ -153,17 +155,39 @@ class StatefulShardMap(StatefulMapping):
     block = functools.partial(self._block_shape, spec=spec, state=state, paths=paths)
     if reader is not None and not typed:   # typed as laid out by its spec first (`_placed`)
       return reader.read(state, self._placed_like(base, spec), block, frozenset(spec_axes(spec)))
-    view = jax.tree.map(lambda x: _first_block(x, block, spec_axes(spec)), placeholder(base))
+    view = jax.tree.map(lambda x: _first_block(self._typed_placeholder(x, spec, reader), block,
+                                               spec_axes(spec), typed), base)
     return view if reader is None else reader.read_like(state, view)
 
+  def _typed_placeholder(self, x: Any, spec: P, reader: Reader | None) -> Any:
+    """A stand-in of leaf `x` typed, in the shard_map body, by the layout a call keeps over the
+    non-manual Explicit axes (`SpecMapper.keep_spec`); when such an axis splits a dimension
+    that `spec` splits too, the view is untyped and the program is traced again."""
+    stand_in = placeholder(x)
+    kept = None if isinstance(x, jax.core.Tracer) or not explicitly_typed(x) else (  # pyright: ignore[reportAttributeAccessIssue]
+        self._mapper.keep_spec(x, P()))
+    if kept is None or not spec_axes(kept.spec):
+      return stand_in
+    if any(e is not None and i < len(spec) and spec[i] is not None
+           for i, e in enumerate(kept.spec)):
+      if reader is not None:
+        reader.usable = False
+      return stand_in
+    return lax.full(jnp.shape(x), 0, jnp.result_type(x),
+                    sharding=NamedSharding(jax.sharding.get_abstract_mesh(), kept.spec))
+
   def _placed_like(self, base: Any, spec: P) -> Any:
-    """`base`'s arrays as abstract values laid out on the mesh by `spec`, as a call places them."""
+    """`base`'s arrays as abstract values laid out on the mesh by `spec` over the manual axes
+    (and as they are over the others), as a call places them."""
+    sharding = NamedSharding(self.mesh, spec)
+
     def placed(x):
       if not isinstance(x, jax.Array):
         return x
       aval = jax.typeof(x)
+      where = sharding if isinstance(x, jax.core.Tracer) else self._mapper.place(x, sharding)  # pyright: ignore[reportAttributeAccessIssue]
       return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
-                                  sharding=NamedSharding(self.mesh, spec))
+                                  sharding=where)
     return jax.tree.map(placed, base)
 
   def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
@@ -203,9 +227,13 @@ class StatefulShardMap(StatefulMapping):
     return spec
 
 
-def _first_block(x: Any, block: Callable[[tuple], tuple], axes: tuple) -> Any:
-  """Device 0's block of a global value, typed as varying over `axes` like it."""
+def _first_block(x: Any, block: Callable[[tuple], tuple], axes: tuple, typed: bool) -> Any:
+  """Device 0's block of a global value, varying over `axes` like it: by its type (`typed`,
+  under `check_vma`), else as the traced jaxpr shows (`vary`)."""
   x = lax.slice(x, (0,) * jax.numpy.ndim(x), block(jax.numpy.shape(x)))
+  if typed:
+    missing = tuple(a for a in axes if a not in vma_of(x))
+    return lax.pcast(x, missing, to='varying') if missing else x
   return vary(x, axes) if axes else x
 
 
