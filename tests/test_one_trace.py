@@ -484,7 +484,9 @@ def _looped(loop, kind, monkeypatch, lift):
 @pytest.mark.parametrize('loop, kind', [
     ('jit(for_loop)', 'pmap2'), ('scan', 'pmap2'), ('jit(cond)', 'pmap2'),
     ('jit(for_loop)', 'vmap2'), ('jit(for_loop)', 'pmap2 on an Explicit mesh'),
-    ('scan', 'shard_map checked on an Auto mesh')])
+    ('scan', 'shard_map checked on an Auto mesh'),
+    ('jit(for_loop)', 'shard_map checked on an Explicit mesh'),
+    ('scan', 'shard_map on an Explicit mesh')])
 def test_a_mapped_step_inside_a_loop_traces_once(loop, kind, monkeypatch):
   # The step's body is traced inside the loop's: its state reads are the enclosing trace's
   # values, and they are lifted to the program's inputs as at the top level.

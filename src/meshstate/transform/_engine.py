@@ -932,7 +932,7 @@ class StatefulMapping:
     # as lanes even when the program is traced again (an Explicit mesh's axes included); inside
     # another mapping's mesh body the views' mesh is not the program's, so it is traced again.
     nested = bool(_local.stack)
-    blocks = mapper.unliftable(layout, leaves, placed=not nested)
+    blocks = mapper.unliftable(layout, leaves)
     lift = blocks is not None and (not nested or context_key() is None)
     if nested and blocks is None:
       blocks = never_blocks

@@ -88,12 +88,10 @@ class Mapper:
     """Trace `probe` abstractly; return its jaxpr (None: traced without one to keep)."""
     return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout: Any, args: Sequence[Any] = (),
-                 placed: bool = True) -> Callable[[Any], bool] | None:
+  def unliftable(self, layout: Any, args: Sequence[Any] = ()) -> Callable[[Any], bool] | None:
     """What keeps the discovery jaxpr from being the program (`_lift.py`): a test of each
     state value read, or None when nothing of this call (its argument leaves `args`) can be
-    lifted. `placed`: whether the call lays its states out first (`_placed`); a call nested
-    in another transform takes them as that transform's values are.
+    lifted.
 
     Discovery traces untyped lanes, so by default a value typed by an Explicit-axis mesh
     (whose sharding is part of its type in the program) keeps it from lifting.
@@ -146,7 +144,7 @@ class VmapMapper(Mapper):
     with typed_mesh(slots):
       return trace_mapped(probe, slots, layout)
 
-  def unliftable(self, layout, args=(), placed=True):
+  def unliftable(self, layout, args=()):
     # The program runs under the mesh of a typed state when no argument is typed: what vmap
     # batches there (a lane's key, a random draw's own jitted function) needs that mesh, which
     # discovery's trace did not have.
@@ -237,7 +235,7 @@ class JitMapper(Mapper):
              for x in slots]
     return trace_lanes(probe, avals, [frozenset()] * len(slots), [])
 
-  def unliftable(self, layout, args=(), placed=True):
+  def unliftable(self, layout, args=()):
     return never_blocks
 
   def plan(self, body, layout, donate):

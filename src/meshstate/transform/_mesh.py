@@ -172,7 +172,7 @@ class _ShardMapMapper(Mapper):
                    for v, s in zip(slots, in_specs))
     return mapped, fit
 
-  def unliftable(self, layout, args=(), placed=True):
+  def unliftable(self, layout, args=()):
     # For lanes discovery does not type: a value keeps the types of the mesh's Explicit axes
     # that are not manual, which such lanes lack, so the program is traced in place. When
     # every Explicit axis is manual, values are untyped whatever their arguments' types were.
@@ -308,7 +308,7 @@ class MeshMapper(_ShardMapMapper):
     return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
                    out_shardings=outs, spmd_axis_name=layout.name)
 
-  def unliftable(self, layout, args=(), placed=True):
+  def unliftable(self, layout, args=()):
     # A state keeps its layout over the other axes (`_placed` leaves them), and `fit` reshards
     # only the mapped axis: discovery's lanes, typed by the values as they come
     # (`lane_sharding`), are typed like the program's. With more lanes than devices the
@@ -442,11 +442,12 @@ class SpecMapper(_ShardMapMapper):
                        f'which are not axes of the mesh {dict(mesh.shape)}.')
     return self._axis_names
 
-  def unliftable(self, layout, args=(), placed=True):
+  def unliftable(self, layout, args=()):
     # A call lays each state out by its spec over the manual axes, keeping its other axes
-    # (`_placed`), as an argument keeps them: discovery's views are typed so (`_placed_like`,
-    # typed placeholders). A nested call takes the states as they are, laid out anywhere.
-    return never_blocks if placed else super().unliftable(layout)
+    # (`_placed`), as an argument keeps them; a nested call takes an enclosing trace's values,
+    # which its `fit` lays out so too. Discovery's views are typed so (`_placed_like`, typed
+    # placeholders).
+    return never_blocks
 
   def place(self, x, sharding):
     return self.keep_spec(x, sharding.spec) or sharding
@@ -457,12 +458,20 @@ class SpecMapper(_ShardMapMapper):
 
   def keep_spec(self, x: Any, spec: P) -> NamedSharding | None:
     """`spec` over the manual axes, `x`'s layout over the others (None: `x` is not on the
-    mesh, or this shard_map is manual over every axis)."""
-    now = getattr(x, 'sharding', None)
+    mesh, or this shard_map is manual over every axis). An enclosing trace's value is where
+    its type says, when that is this (Explicit) mesh."""
     mesh = self.user_mesh
-    if not self.keeps_layout or not isinstance(now, NamedSharding) or now.mesh != mesh:
+    if not self.keeps_layout:
       return None
-    return NamedSharding(mesh, merge_spec(now.spec, spec, self.manual(mesh), x.ndim))
+    if isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+      now = jax.typeof(x).sharding if explicitly_typed(x) else None
+      if now is None or now.mesh != mesh.abstract_mesh:
+        return None
+    else:
+      now = getattr(x, 'sharding', None)
+      if not isinstance(now, NamedSharding) or now.mesh != mesh:
+        return None
+    return NamedSharding(mesh, merge_spec(now.spec, spec, self.manual(mesh), jnp.ndim(x)))
 
   def slot_shardings(self, layout) -> list:
     mesh, _, specs, _ = self.mesh_and_specs(layout)

@@ -164,8 +164,7 @@ class StatefulShardMap(StatefulMapping):
     non-manual Explicit axes (`SpecMapper.keep_spec`); when such an axis splits a dimension
     that `spec` splits too, the view is untyped and the program is traced again."""
     stand_in = placeholder(x)
-    kept = None if isinstance(x, jax.core.Tracer) or not explicitly_typed(x) else (  # pyright: ignore[reportAttributeAccessIssue]
-        self._mapper.keep_spec(x, P()))
+    kept = self._mapper.keep_spec(x, P()) if explicitly_typed(x) else None
     if kept is None or not spec_axes(kept.spec):
       return stand_in
     if any(e is not None and i < len(spec) and spec[i] is not None
@@ -185,9 +184,8 @@ class StatefulShardMap(StatefulMapping):
       if not isinstance(x, jax.Array):
         return x
       aval = jax.typeof(x)
-      where = sharding if isinstance(x, jax.core.Tracer) else self._mapper.place(x, sharding)  # pyright: ignore[reportAttributeAccessIssue]
       return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
-                                  sharding=where)
+                                  sharding=self._mapper.place(x, sharding))
     return jax.tree.map(placed, base)
 
   def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
