@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from meshstate.util.filter import to_predicate
 
-__all__ = ['entry_axes', 'normalize_state_axes', 'leaf_axes', 'check_axis', 'mapped_size',
-           'spec_at', 'split_static', 'normalize_argnums']
+__all__ = ['entry_axes', 'spec_entries', 'normalize_state_axes', 'leaf_axes', 'check_axis',
+           'mapped_size', 'spec_at', 'split_static', 'normalize_argnums']
 
 # `None` is an empty pytree; while broadcasting an axes prefix it must stay a leaf.
 _UNMAPPED = type('Unmapped', (), {'__repr__': lambda self: 'None'})()
@@ -104,6 +104,11 @@ def mapped_size(sources: Iterable[tuple[str, int]], axis_size: int | None) -> in
 def entry_axes(entry: Any) -> tuple:
   """The mesh axes one `PartitionSpec` entry names (None, a name, or a tuple of names)."""
   return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def spec_entries(spec: Any, ndim: int) -> list:
+  """One entry of `spec` per dimension of a rank-`ndim` value (None past the spec's end)."""
+  return [*spec, *[None] * (ndim - len(spec))]
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshstate._compat import vma
 from meshstate._state import Frame, State, is_static_value
+from meshstate.transform._axes import entry_axes, spec_entries
 from meshstate.transform._varying import varying_axes
 
 __all__ = ['Discovery', 'Traced', 'discover', 'vary', 'lane_key', 'lane_slice', 'placeholder',
@@ -105,11 +106,10 @@ def lane_sharding(aval: Any, drop: int | None = None) -> Any:
     return None   # typed by another mesh (moved onto this one first)
   else:
     spec = own.spec  # pyright: ignore[reportOptionalMemberAccess]
-  entries = [*spec, *[None] * (len(aval.shape) - len(spec))]
+  entries = spec_entries(spec, len(aval.shape))
   if drop is not None:
     del entries[drop]
-  kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in explicit)
-          for e in entries]
+  kept = [tuple(a for a in entry_axes(e) if a in explicit) for e in entries]
   return jax.sharding.NamedSharding(mesh, P(*(k[0] if len(k) == 1 else k or None
                                              for k in kept)))
 

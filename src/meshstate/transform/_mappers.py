@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
+from meshstate.transform._axes import spec_entries
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
 from meshstate.transform._plan import Plan
@@ -181,12 +182,12 @@ def _aligned(slots: Sequence[Any], slot_axes: Sequence[int | None]) -> list:
   typed = [(jax.typeof(x).sharding, a) for _, x, a in mapped if explicitly_typed(x)]
   if not typed:
     return list(slots)
-  mesh, entry = typed[0][0].mesh, _entries(typed[0][0].spec, typed[0][1] + 1)[typed[0][1]]
+  mesh, entry = typed[0][0].mesh, spec_entries(typed[0][0].spec, typed[0][1] + 1)[typed[0][1]]
 
   def align(x, axis):
     sharding = jax.typeof(x).sharding
     own = sharding.mesh.axis_names and sharding.mesh == mesh
-    entries = _entries(sharding.spec if own else P(), jax.numpy.ndim(x))
+    entries = spec_entries(sharding.spec if own else P(), jax.numpy.ndim(x))
     if entries[axis] == entry:
       return x
     entries = [None if e == entry else e for e in entries]
@@ -197,10 +198,6 @@ def _aligned(slots: Sequence[Any], slot_axes: Sequence[int | None]) -> list:
   for i in {i for i, _, _ in mapped}:
     out[i] = jax.tree.map(lambda x, a=slot_axes[i]: align(x, a), slots[i])
   return out
-
-
-def _entries(spec: Any, ndim: int) -> list:
-  return [*spec, *[None] * (ndim - len(spec))]
 
 
 def typed_mesh_of(slots: Sequence[Any]) -> Any:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate import _compat
-from meshstate.transform._axes import entry_axes, spec_at
+from meshstate.transform._axes import entry_axes, spec_at, spec_entries
 from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
                                           vmapped)
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
@@ -111,7 +111,7 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
   """
   current = jax.typeof(x).sharding.spec
   want = merge_spec(current, spec, manual, jnp.ndim(x))
-  if tuple(want) == tuple(current) + (None,) * (jnp.ndim(x) - len(current)):
+  if list(want) == spec_entries(current, jnp.ndim(x)):
     return x
   return jax.sharding.reshard(x, NamedSharding(mesh, want))
 
@@ -119,7 +119,7 @@ def _fit(x: Any, spec: P, manual: frozenset, mesh: Any) -> Any:
 def merge_spec(now: P, spec: P, manual: frozenset, ndim: int) -> P:
   """`spec` over the `manual` axes, and `now`'s other axes where they were (rank `ndim`)."""
   want = []
-  for dim, entry in enumerate(tuple(now) + (None,) * (ndim - len(now))):
+  for dim, entry in enumerate(spec_entries(now, ndim)):
     kept = tuple(a for a in entry_axes(entry) if a not in manual)
     new = kept + (entry_axes(spec[dim]) if dim < len(spec) else ())
     want.append(None if not new else new[0] if len(new) == 1 else new)
@@ -171,14 +171,6 @@ class _ShardMapMapper(Mapper):
       return tuple(jax.tree.map(lambda x, s=s: _fit(x, s, manual, on), v)
                    for v, s in zip(slots, in_specs))
     return mapped, fit
-
-  def unliftable(self, layout, args=()):
-    # For lanes discovery does not type: a value keeps the types of the mesh's Explicit axes
-    # that are not manual, which such lanes lack, so the program is traced in place. When
-    # every Explicit axis is manual, values are untyped whatever their arguments' types were.
-    mesh, manual = self.mesh_and_specs(layout)[:2]
-    typed = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-    return never_blocks if typed <= manual else None
 
   def trace_blocks(self, probe, slots, layout) -> Traced:
     """Discovery under `shard_map(check_vma=True)`: its varying-axes typing says what varies.
@@ -398,7 +390,7 @@ class MeshMapper(_ShardMapMapper):
     if not isinstance(sharding, NamedSharding) or sharding.mesh != self.mesh(layout.size,
                                                                               layout.name):
       return None
-    entries = list(sharding.spec) + [None] * (value.ndim - len(sharding.spec))
+    entries = spec_entries(sharding.spec, value.ndim)
     if in_axis is not None:
       del entries[in_axis]
     entries = [None if e == layout.name else e for e in entries]
@@ -460,9 +452,9 @@ class SpecMapper(_ShardMapMapper):
     """`spec` over the manual axes, `x`'s layout over the others (None: `x` is not on the
     mesh, or this shard_map is manual over every axis). An enclosing trace's value is where
     its type says, when that is this (Explicit) mesh."""
-    mesh = self.user_mesh
     if not self.keeps_layout:
       return None
+    mesh = self.user_mesh
     if isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
       now = jax.typeof(x).sharding if explicitly_typed(x) else None
       if now is None or now.mesh != mesh.abstract_mesh:
