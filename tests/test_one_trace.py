@@ -253,6 +253,36 @@ def test_vmap2_on_an_input_sharded_on_an_explicit_mesh_traces_once(monkeypatch):
   assert len(np.unique(draws.round(5))) == 3 * N   # each lane draws its own numbers
 
 
+
+def _vmap2_on_a_named_explicit_state(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = jax.make_mesh((N,), ('i',))
+  w = ParamState(jax.device_put(jnp.arange(N * 3.0).reshape(N, 3), NamedSharding(mesh, P('i'))))
+  rng, traces = RandomState(4), []
+  rng.value = jax.device_put(rng.value, NamedSharding(mesh, P()))   # as a call leaves it
+
+  def step(v):
+    traces.append(1)
+    w.value = w.value * 0.5 + v
+    return v.sum() + rng.uniform() + lax.axis_index('i')
+
+  f = vmap2(step, axis_name='i', state_in_axes={0: w}, state_out_axes={0: w})
+  x = jnp.arange(N * 3.0).reshape(N, 3) / 10   # on no mesh: only w is typed by one
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, (w.value, rng.value), len(traces)
+
+
+def test_vmap2_of_a_named_state_on_an_explicit_mesh_and_a_plain_batch_traces_once(monkeypatch):
+  # The program runs under w's mesh, which state_in_axes names before the body is traced:
+  # discovery is traced under it too.
+  outs, (w, _) = _one_trace_equals_two(_vmap2_on_a_named_explicit_state, monkeypatch)
+  assert str(jax.typeof(w)) == f'float32[{N}@i,3]'
+  draws = np.asarray(outs[0]) - np.arange(N * 3.0).reshape(N, 3).sum(1) / 10 - np.arange(N)
+  assert ((draws > -1e-5) & (draws < 1 + 1e-5)).all() and len(np.unique(draws.round(5))) == N
+
+
 def _jit_on_explicit_mesh(monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
@@ -442,6 +472,39 @@ def test_an_argument_sharded_over_an_automatic_explicit_axis_traces_once(kind, m
   # x keeps its 'model' layout inside the body: discovery's lane of it is typed so too.
   outs, states = _one_trace_equals_two(_model_typed_argument, kind, monkeypatch)
   assert str(jax.typeof(outs[0])) == 'float32[2@data,8@model,4]'
+
+
+
+def _several_lanes_per_device(axes, monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4('make_mesh') if axes == '2x4' else jax.make_mesh((8,), ('data',))
+  lanes = 2 * mesh.shape['data']
+  w, rng, traces = ParamState(jnp.ones((lanes, 3))), RandomState(5), []
+
+  def step(x):
+    traces.append(1)
+    w.value = w.value * 2 + x   # no collective: JAX cannot batch one there (docs/conformance.md)
+    return x + rng.uniform() + lax.axis_index('data')
+
+  f = pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: w}, state_out_axes={0: w})
+  x = jnp.arange(lanes * 3.0).reshape(lanes, 3)
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, (w.value, rng.value), len(traces)
+
+
+@pytest.mark.parametrize('axes', ['1-D', '2x4'])
+def test_several_lanes_per_device_on_an_explicit_mesh_trace_once(axes, monkeypatch):
+  # The program is a vmap under the whole mesh: discovery is traced under it too, so that what
+  # the lifted trace batches there (lane keys, axis_index, the draws' jitted functions) is
+  # typed by its Explicit axes.
+  outs, (w, _) = _one_trace_equals_two(_several_lanes_per_device, axes, monkeypatch)
+  lanes = np.arange(len(w))
+  draws = np.asarray(outs[0])[:, 0] - lanes * 3 - lanes   # minus x and axis_index
+  assert len(np.unique(draws.round(5))) == len(w)   # each lane its own key
+  assert ((draws >= 0) & (draws < 1)).all()
+  assert outs[0].sharding.spec[0] == 'data' and w.sharding.spec[0] == 'data'
 
 
 _LOOPS = {

@@ -73,6 +73,7 @@ class Layout:
   static_reads: dict = dataclasses.field(default_factory=dict)
   static_writes: dict = dataclasses.field(default_factory=dict)
   processes: int = 1         # processes the mesh spans (each may pass its own part)
+  named: list = dataclasses.field(default_factory=list)   # values of states state_in_axes names
   local_io: bool = False     # inputs are each process's part, and so are the outputs
 
 
@@ -932,6 +933,7 @@ class StatefulMapping:
     # as lanes even when the program is traced again (an Explicit mesh's axes included); inside
     # another mapping's mesh body the views' mesh is not the program's, so it is traced again.
     nested = bool(_local.stack)
+    layout.named = [s._value for s in self._named_states()]
     blocks = mapper.unliftable(layout, leaves)
     lift = blocks is not None and (not nested or context_key() is None)
     if nested and blocks is None:
@@ -991,14 +993,17 @@ class StatefulMapping:
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
 
+  def _named_states(self) -> list[State]:
+    """The states `state_in_axes` names (known before the function is traced)."""
+    return [s for pred in self.state_in_axes.values() if isinstance(pred, _SameStates)
+            for s in pred.states]
+
   def _warn_unread(self, disc, paths: dict) -> None:
     """Warn about states named in state_in_axes that the function does not read.
 
     A warning, not an error: which states a function reads may depend on a static argument.
     """
-    named = [s for pred in self.state_in_axes.values() if isinstance(pred, _SameStates)
-             for s in pred.states]
-    unread = [s for s in named if s not in disc.reads and s not in disc.static_reads]
+    unread = [s for s in self._named_states() if s not in disc.reads and s not in disc.static_reads]
     if unread:
       warnings.warn(f'{self.name}: state_in_axes names '
                     f'{", ".join(self._describe(s, paths) for s in unread)}, which it does not '

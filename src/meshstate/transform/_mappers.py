@@ -132,24 +132,23 @@ def vmapped(fn: Callable, layout: Any, spmd_axis_name: Any = None) -> Callable:
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`).
 
-  Discovery is traced under the mesh of Explicit-typed arguments (`typed_mesh`), and so is the
-  program, whose slots include the states: discovery types each lane as the program's
-  (`lane_aval`), and a program lifts unless a state is typed by a mesh discovery was not
-  traced under.
+  The program is traced under the mesh of its Explicit-typed slots (`on_typed_mesh`), and
+  discovery under that of the typed arguments, or else of the states `state_in_axes` names
+  (`Layout.named`): discovery types each lane as the program's (`lane_aval`), and a program
+  lifts unless a state it reads is typed by a mesh discovery was not traced under.
   """
 
   def __init__(self, spmd_axis_name: Any = None):
     self.spmd_axis_name = spmd_axis_name
 
   def trace(self, probe, slots, layout):
-    with typed_mesh(slots):
+    with typed_mesh([*slots, *layout.named]):
       return trace_mapped(probe, slots, layout)
 
   def unliftable(self, layout, args=()):
-    # The program runs under the mesh of a typed state when no argument is typed: what vmap
-    # batches there (a lane's key, a random draw's own jitted function) needs that mesh, which
-    # discovery's trace did not have.
-    mesh = typed_mesh_of(args)
+    # What vmap batches under the program's mesh (a lane's key, a random draw's own jitted
+    # function) needs that mesh in discovery's trace too.
+    mesh = typed_mesh_of([*args, *layout.named])
     return lambda x: explicitly_typed(x) and jax.typeof(x).sharding.mesh != mesh
 
   def plan(self, body, layout, donate):

@@ -71,7 +71,7 @@ def _inside(mesh: Mesh, discovering: bool = False, manual: frozenset = frozenset
     _context.stack.pop()
 
 
-def _body_mesh(mesh: Mesh, manual: frozenset, body: bool = True):
+def _body_mesh(mesh: Mesh, manual: frozenset):
   """The abstract mesh a `shard_map` body over the `manual` axes of `mesh` is traced under.
 
   Discovery traces on lane values outside shard_map; tracing it under this mesh records, in
@@ -80,8 +80,6 @@ def _body_mesh(mesh: Mesh, manual: frozenset, body: bool = True):
   Explicit-axis mesh the lanes are typed by the axes that stay Explicit in the body
   (`lane_sharding`), as the program's are.
   """
-  if not body:
-    return contextlib.nullcontext()
   manual_mesh = mesh.abstract_mesh.update_axis_types({a: AxisType.Manual for a in manual})
   return jax.sharding.use_abstract_mesh(manual_mesh)
 
@@ -274,9 +272,13 @@ class MeshMapper(_ShardMapMapper):
 
   def trace(self, probe, slots, layout):
     # A pmap2 called in the body finds this mesh in the context and asks for its axis.
+    # Discovery is traced under the abstract mesh the program runs under: a shard_map body's,
+    # or with more lanes than devices the whole mesh, which the program's vmap batches over.
     mesh, manual = self.mesh(layout.size, layout.name), frozenset({layout.name})
-    body = current_mesh() is None and self.lanes_per_device(layout) == 1
-    with _inside(mesh, True, manual), _body_mesh(mesh, manual, body):
+    context = (contextlib.nullcontext() if current_mesh() is not None else
+               _body_mesh(mesh, manual) if self.lanes_per_device(layout) == 1 else
+               jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    with _inside(mesh, True, manual), context:
       return trace_mapped(probe, slots, layout)
 
   def plan(self, body, layout, donate):
@@ -303,13 +305,8 @@ class MeshMapper(_ShardMapMapper):
   def unliftable(self, layout, args=()):
     # A state keeps its layout over the other axes (`_placed` leaves them), and `fit` reshards
     # only the mapped axis: discovery's lanes, typed by the values as they come
-    # (`lane_sharding`), are typed like the program's. With more lanes than devices the
-    # program is a vmap under the mesh, which discovery is not traced under: on Explicit axes
-    # what it batches (a lane's key, the draws' own jitted functions) needs that mesh.
-    if self.lanes_per_device(layout) == 1:
-      return never_blocks
-    mesh = self.mesh(layout.size, layout.name)
-    return None if AxisType.Explicit in tuple(mesh.axis_types) else never_blocks
+    # (`lane_sharding`), are typed like the program's, under the program's mesh (`trace`).
+    return never_blocks
 
   def slot_shardings(self, layout) -> list:
     mesh = self.mesh(layout.size, layout.name)
