@@ -511,6 +511,26 @@ def test_several_lanes_per_device_draw_and_index_on_explicit_mesh(axes):
   assert outs[0].sharding.spec[0] == 'data'
 
 
+
+@pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
+def test_several_lanes_per_device_keep_a_state_laid_out_over_another_axis(kind):
+  # As with one lane per device, a state keeps its 'model' layout; the lanes split over 'data'.
+  mesh = mesh_2x4(kind)
+  lanes = 2 * mesh.shape['data']
+  w0, x = rand(lanes, 8), rand(lanes, 8)
+  w = ParamState(jax.device_put(jnp.asarray(w0), NamedSharding(mesh, P(None, 'model'))))
+
+  def step(v):
+    w.value = w.value * 2 + v
+    return v.sum()
+  f = pmap2(step, axis_name='data', mesh=mesh, state_in_axes={0: w}, state_out_axes={0: w})
+  f(jnp.asarray(x))
+  close(f(jnp.asarray(x)), x.sum(1))
+  close(w.value, 4 * w0 + 3 * x)
+  assert spec_of(w.value) == P('data', 'model')
+  assert f.cache_info().misses == 1
+
+
 # -- under a context mesh (jax.set_mesh) ----------------------------------------------------------
 
 @pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])

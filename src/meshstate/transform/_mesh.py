@@ -289,8 +289,7 @@ class MeshMapper(_ShardMapMapper):
       return super().plan(body, layout, donate)
     # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
     mesh = self.mesh(layout.size, layout.name)
-    ins = tuple(self.slot_shardings(layout))
-    outs = tuple(NamedSharding(mesh, spec_at(a, layout.name)) for a in layout.out_slot_axes)
+    ins, outs = self._lane_shardings(mesh, layout)
     mapped = vmapped(body, layout, spmd_axis_name=layout.name)
 
     def program(*slots):
@@ -301,6 +300,22 @@ class MeshMapper(_ShardMapMapper):
     fn = jax.jit(program, donate_argnums=donate)
     return plan_of(layout, 'vmap', fn, body, donate, mesh=mesh, in_shardings=ins,
                    out_shardings=outs, spmd_axis_name=layout.name)
+
+  def _lane_shardings(self, mesh: Mesh, layout) -> tuple[tuple, tuple]:
+    """Where a vmap over more lanes than devices takes and leaves each slot: the lane axis
+    split over the devices, and a rewritten state on the layout it keeps (`Layout.out_shardings`)
+    over the mesh's other axes."""
+    ins = self.slot_shardings(layout)
+    kept = layout.out_shardings or [None] * len(layout.out_slot_axes)
+    outs = [NamedSharding(mesh, spec_at(a, layout.name)) if k is None else k
+            for k, a in zip(kept, layout.out_slot_axes)]
+    n_in, n_out = layout.n_leaves, layout.n_out
+    for j, state in enumerate(layout.out_states):
+      if kept[n_out + j] is not None and state in layout.in_states:
+        i = n_in + layout.in_states.index(state)
+        if layout.slot_axes[i] == layout.out_slot_axes[n_out + j]:
+          ins[i] = outs[n_out + j]
+    return tuple(ins), tuple(outs)
 
   def unliftable(self, layout, args=()):
     # A state keeps its layout over the other axes (`_placed` leaves them), and `fit` reshards
