@@ -505,6 +505,34 @@ def test_body_runs_on_the_first_call_only():
   assert len(runs) == first
 
 
+
+@pytest.mark.parametrize('kind', ['pmap2 donated', 'pmap2', 'shard_map'])
+def test_a_step_on_one_device_compiles_once(kind, caplog):
+  # On a one-device mesh a state made on that device is laid out as the program reads it, but
+  # typed without the mesh; passed as it was, its second call compiled the program again.
+  w, count = ParamState(jnp.zeros((1, 4))), State(jnp.zeros(()))
+
+  def step(x):
+    w.value = w.value + x
+    count.value = count.value + 1
+    return x * 2
+  one = jax.devices()[:1]
+  if kind == 'shard_map':
+    f = meshstate.transform.shard_map(step, Mesh(np.array(one), ('i',)), P('i'), P('i'),
+                                      state_in_specs={w: P('i')}, state_out_specs={w: P('i')})
+  else:
+    f = pmap2(step, axis_name='i', devices=one, state_in_axes={0: w}, state_out_axes={0: w},
+              donate_states=kind == 'pmap2 donated')
+  x = jnp.ones((1, 4))
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    outs = [f(x) for _ in range(3)]
+  compiles = [r for r in caplog.records if 'Compiling jit' in r.getMessage()
+              and 'float32[1,4]' in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+  close(outs[-1], 2 * np.ones((1, 4)))
+  close(w.value, 3 * np.ones((1, 4)))
+  assert float(count.value) == 3.0
+
 # --- errors leave states alone ----------------------------------------------------------------
 
 def _writer():

@@ -196,6 +196,17 @@ def _write(entry: '_Entry', outs: Sequence[Any], vals: list, name: str) -> None:
     raise
 
 
+def _placed_elsewhere(x: jax.Array, where: Any) -> bool:
+  """Whether array `x` must move to sharding `where`: laid out otherwise, or not on its mesh.
+
+  On a mesh of one device a value on that device is laid out alike, but its type has no mesh
+  while the program's outputs have one: unmoved, its next call would compile the program again.
+  """
+  mesh = getattr(x.sharding, 'mesh', None)
+  return (mesh != where.mesh or not x.sharding.is_equivalent_to(where, x.ndim)
+          or typed_elsewhere(x, where.mesh))
+
+
 def _shape(value: Any) -> tuple:
   """Shape of a state's value (of its first leaf when it is a pytree)."""
   leaves = jax.tree.leaves(value)
@@ -1059,8 +1070,7 @@ class StatefulMapping:
         continue
       # A mapper that keeps layouts leaves a value on its mesh laid out over the other axes.
       where = [self._mapper.place(x, sharding) for x in arrays]
-      if any(not x.sharding.is_equivalent_to(w, x.ndim) or typed_elsewhere(x, w.mesh)
-             for x, w in zip(arrays, where)):
+      if any(_placed_elsewhere(x, w) for x, w in zip(arrays, where)):
         moves.append(i)
         targets.append(tree.unflatten(where))
     if moves:   # one batched transfer: much cheaper than one device_put per state
