@@ -531,6 +531,25 @@ def test_several_lanes_per_device_keep_a_state_laid_out_over_another_axis(kind):
   assert f.cache_info().misses == 1
 
 
+
+@pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
+def test_vmap2_over_a_batch_on_a_mesh_keeps_a_model_sharded_state(kind):
+  # vmap2 places states made on no mesh onto the batch's mesh; one laid out there stays so.
+  mesh = mesh_2x4(kind)
+  w0, x = rand(3, 8), rand(4, 3)
+  w = ParamState(jax.device_put(jnp.asarray(w0), NamedSharding(mesh, P(None, 'model'))))
+
+  def step(v):
+    w.value = w.value * 0.5
+    return v @ w.value
+  f = vmap2(step, axis_name='i')
+  xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P('data')))
+  outs = [f(xs) for _ in range(3)]
+  close(outs[-1], x @ (w0 / 8))
+  close(w.value, w0 / 8)
+  assert spec_of(w.value) == P(None, 'model') and f.cache_info().misses == 1
+
+
 # -- under a context mesh (jax.set_mesh) ----------------------------------------------------------
 
 @pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])

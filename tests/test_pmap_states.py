@@ -4,6 +4,7 @@ One test per rule of the SPEC's write-back list ("StatefulMapping / pmap2 / vmap
 rule of "Atomicity and errors". Expected values come from numpy or from `jax.vmap` of the same
 body with the state passed explicitly.
 """
+import re
 import warnings
 
 import jax
@@ -532,6 +533,33 @@ def test_a_step_on_one_device_compiles_once(kind, caplog):
   close(outs[-1], 2 * np.ones((1, 4)))
   close(w.value, 3 * np.ones((1, 4)))
   assert float(count.value) == 3.0
+
+
+@pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
+def test_vmap2_over_a_batch_on_a_mesh_compiles_once(kind, caplog):
+  # The states go onto the batch's mesh before the first call, laid out as the program leaves
+  # them: before, the second call compiled again for where the first call had put them.
+  devices = np.array(jax.devices())
+  mesh = (Mesh(devices, ('i',)) if kind == 'Mesh' else
+          Mesh(devices, ('i',), axis_types=(jax.sharding.AxisType.Explicit,)))
+  w, count, rng = ParamState(jnp.zeros((N, 3))), State(jnp.zeros(())), RandomState(1)
+
+  def step(v):
+    w.value = w.value + v
+    count.value = count.value + 1
+    return v.sum() + rng.uniform()
+  f = vmap2(step, axis_name='i', state_in_axes={0: w}, state_out_axes={0: w})
+  x = jax.device_put(jnp.ones((N, 3)), NamedSharding(mesh, P('i')))
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    outs = [f(x) for _ in range(3)]
+  compiles = [r for r in caplog.records if 'Compiling jit' in r.getMessage()
+              and re.search(rf'float32\[{N}(@i)?,3\]', r.getMessage())]
+  assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+  close(w.value, 3 * np.ones((N, 3)))
+  assert float(count.value) == 3.0 and w.value.sharding.spec[0] == 'i'
+  draws = np.asarray(outs[0]) - 3
+  assert ((draws >= 0) & (draws < 1)).all() and len(np.unique(draws.round(5))) == N
+
 
 # --- errors leave states alone ----------------------------------------------------------------
 

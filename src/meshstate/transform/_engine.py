@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
 from meshstate._compat import api_boundary, array_sharding
@@ -74,6 +74,7 @@ class Layout:
   static_writes: dict = dataclasses.field(default_factory=dict)
   processes: int = 1         # processes the mesh spans (each may pass its own part)
   named: list = dataclasses.field(default_factory=list)   # values of states state_in_axes names
+  batch: Any = None          # (mesh, mesh axes) the first mapped argument is split over, if any
   local_io: bool = False     # inputs are each process's part, and so are the outputs
 
 
@@ -194,6 +195,18 @@ def _write(entry: '_Entry', outs: Sequence[Any], vals: list, name: str) -> None:
     for state, value in zip(states, old):
       state._value = value
     raise
+
+
+def _batch_layout(flat: list, axes: Sequence[int | None]) -> tuple | None:
+  """`(mesh, mesh axes)` the first mapped argument is laid out on along its mapped dimension,
+  or None: on no mesh, or a trace's value."""
+  for (_, x), axis in zip(flat, axes):
+    if axis is not None:
+      sharding = x.sharding if type(x) is _ArrayImpl else None
+      if not isinstance(sharding, NamedSharding):
+        return None
+      return sharding.mesh, _axes.spec_entries(sharding.spec, x.ndim)[axis]
+  return None
 
 
 def _placed_elsewhere(x: jax.Array, where: Any) -> bool:
@@ -767,7 +780,8 @@ class StatefulMapping:
     size = (_axes.mapped_size(sources, self.axis_size)
             if sources or self.axis_size is not None else None)
     return Layout(self._name, size, treedef, len(leaves), per_arg, sources, self.out_axes,
-                  slot_axes=list(axes), processes=processes, local_io=local_io)
+                  slot_axes=list(axes), processes=processes, local_io=local_io,
+                  batch=_batch_layout(flat, axes))
 
   def _local_inputs(self, flat: list) -> bool:
     """Whether the arguments are each process's part (else they span all processes)."""

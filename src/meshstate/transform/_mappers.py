@@ -12,9 +12,9 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meshstate.transform._axes import spec_entries
+from meshstate.transform._axes import spec_at, spec_entries
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
 from meshstate.transform._plan import Plan
@@ -151,10 +151,45 @@ class VmapMapper(Mapper):
     mesh = typed_mesh_of([*args, *layout.named])
     return lambda x: explicitly_typed(x) and jax.typeof(x).sharding.mesh != mesh
 
+  def slot_shardings(self, layout):
+    # With a batch laid out on a mesh, a state goes there first, laid out as the program leaves
+    # it (`plan` pins it): else its second call would compile again for where the first put it.
+    if layout.batch is None:
+      return None
+    mesh, axes = layout.batch
+    return [NamedSharding(mesh, spec_at(a, axes)) for a in layout.slot_axes]
+
+  def place(self, x, sharding):
+    # A state already on a mesh stays as it is laid out (a model-sharded weight, say).
+    now = getattr(x, 'sharding', None)
+    return now if isinstance(now, NamedSharding) else sharding
+
   def plan(self, body, layout, donate):
-    fn = jax.jit(on_typed_mesh(vmapped(body, layout, self.spmd_axis_name), layout.slot_axes),
-                 donate_argnums=donate)
-    return plan_of(layout, 'vmap', fn, body, donate, spmd_axis_name=self.spmd_axis_name)
+    mapped = on_typed_mesh(vmapped(body, layout, self.spmd_axis_name), layout.slot_axes)
+    outs = ()
+    if layout.batch is not None:
+      outs = (None,) * layout.n_out + tuple(
+          self._pin(s, a, layout) for s, a in zip(layout.out_states,
+                                                  layout.out_slot_axes[layout.n_out:]))
+    fn = jax.jit(lambda *slots: constrain(mapped(*slots), outs), donate_argnums=donate)
+    return plan_of(layout, 'vmap', fn, body, donate, spmd_axis_name=self.spmd_axis_name,
+                   out_shardings=outs)
+
+  @staticmethod
+  def _pin(state: Any, axis: int | None, layout: Any) -> Any:
+    """Where the program leaves a rewritten state: where the call placed it (`slot_shardings`),
+    if it is there now; None (where the compiler puts it) for a state laid out otherwise."""
+    mesh, axes = layout.batch
+    pin = NamedSharding(mesh, spec_at(axis, axes))
+    leaves = jax.tree.leaves(state._value) if state in layout.in_states else [None]
+    return pin if all(_laid_out(x, pin) for x in leaves) else None
+
+
+def _laid_out(x: Any, sharding: NamedSharding) -> bool:
+  """Whether `x` is an array on `sharding`'s mesh, laid out as it says."""
+  now = getattr(x, 'sharding', None)
+  return (isinstance(now, NamedSharding) and now.mesh == sharding.mesh
+          and now.is_equivalent_to(sharding, x.ndim))
 
 
 def on_typed_mesh(fn: Callable, slot_axes: Sequence[int | None]) -> Callable:
