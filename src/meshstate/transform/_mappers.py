@@ -154,7 +154,8 @@ class VmapMapper(Mapper):
   def slot_shardings(self, layout):
     # With a batch laid out on a mesh, a state goes there first, laid out as the program leaves
     # it (`plan` pins it): else its second call would compile again for where the first put it.
-    if layout.batch is None:
+    # (On several processes each passes its whole states: they stay as they are.)
+    if layout.batch is None or not NamedSharding(layout.batch[0], P()).is_fully_addressable:
       return None
     mesh, axes = layout.batch
     return [NamedSharding(mesh, spec_at(a, axes)) for a in layout.slot_axes]
