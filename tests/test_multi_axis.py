@@ -324,6 +324,91 @@ def test_nested_pmap2_read_modify_write_state():
   close(count.value, ref.value)
 
 
+# -- meshstate mappings nested in one another: steps of a pmap(pmap) migration ------------------
+
+def _nested(outer_kind, inner_kind, mesh, check_vma, count):
+  """A step over 'data' (the outer mapping) calling one over 'model' (the inner), as JAX's own
+  shard_map nests; the inner one finds the outer one's mesh, and writes `count`."""
+  def inner(v):
+    count.value = count.value + lax.psum(lax.psum(v.sum(), 'model'), 'data')
+    return v * 2 + lax.axis_index('model') + 10 * lax.axis_index('data')
+
+  if inner_kind == 'pmap2':
+    g = pmap2(inner, axis_name='model')
+  else:   # no mesh=: the enclosing body's
+    g = T.shard_map(inner, in_specs=P('model'), out_specs=P('model'), axis_names={'model'},
+                    check_vma=check_vma)
+
+  def outer(block):
+    return g(block) + 1
+
+  if outer_kind == 'pmap2':
+    f = pmap2(outer, axis_name='data', mesh=mesh)
+    return lambda x: f(x.reshape(D, M, -1)).reshape(D * M, -1)
+  return T.shard_map(outer, mesh=mesh, in_specs=P('data'), out_specs=P('data'),
+                     axis_names={'data'}, check_vma=check_vma)
+
+
+@pytest.mark.parametrize('outer_kind,inner_kind,check_vma', [
+    ('shard_map', 'pmap2', True), ('shard_map', 'pmap2', False), ('shard_map', 'shard_map', True),
+    ('shard_map', 'shard_map', False), ('pmap2', 'shard_map', True)])
+def test_a_mapping_nested_in_another_maps_over_its_own_axis(outer_kind, inner_kind, check_vma,
+                                                             mesh):
+  count = State(jnp.zeros(()))
+  f = _nested(outer_kind, inner_kind, mesh, check_vma, count)
+  x = rand(D * M, 3)
+  outs = [f(jnp.asarray(x)), f(jnp.asarray(x))]
+  d, m = np.divmod(np.arange(D * M), M)
+  want = x * 2 + (m + 10 * d)[:, None] + 1
+  for out in outs:
+    close(out, want)
+  close(count.value, 2 * x.sum())
+  assert not isinstance(count.value, jax.core.Tracer)
+
+
+@pytest.mark.parametrize('outer_kind', ['shard_map', 'pmap2'])
+@pytest.mark.parametrize('inner_kind', ['shard_map', 'pmap2'])
+def test_random_draws_in_a_nested_mapping_differ_per_device_and_advance_once(outer_kind,
+                                                                             inner_kind, mesh):
+  rng = RandomState(0)
+
+  def inner(v):
+    return v + rng.uniform(size=v.shape)
+
+  g = (pmap2(inner, axis_name='model') if inner_kind == 'pmap2' else
+       T.shard_map(inner, in_specs=P('model'), out_specs=P('model'), axis_names={'model'}))
+  if outer_kind == 'pmap2':
+    f = pmap2(lambda b: g(b), axis_name='data', mesh=mesh)
+    call = lambda: f(jnp.zeros((D, M, 3)))  # noqa: E731
+  else:
+    f = T.shard_map(lambda b: g(b), mesh=mesh, in_specs=P('data'), out_specs=P('data'),
+                    axis_names={'data'})
+    call = lambda: f(jnp.zeros((D * M, 3)))  # noqa: E731
+  keys = [np.asarray(jax.random.key_data(rng.value))]
+  draws = []
+  for _ in range(2):
+    draws.append(np.asarray(call()).ravel())
+    keys.append(np.asarray(jax.random.key_data(rng.value)))
+  assert all(len(np.unique(d)) == D * M * 3 for d in draws)   # per (data, model) device
+  assert ((draws[0] >= 0) & (draws[0] < 1)).all() and not np.array_equal(*draws)
+  assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
+
+
+def test_a_mapping_inside_jax_shard_map_names_the_enclosing_one(mesh):
+  count = State(jnp.ones(()))
+  g = pmap2(lambda v: v * 2, axis_name='model')
+  h = T.shard_map(lambda v: v * 2, in_specs=P('model'), out_specs=P('model'),
+                  axis_names={'model'})
+  for name, inner in [('pmap2', g), ('shard_map', h)]:
+    f = jax.jit(jax.shard_map(lambda b, inner=inner: inner(b) + count.value, mesh=mesh,
+                              in_specs=P('data'), out_specs=P('data'), axis_names={'data'}))
+    with pytest.raises(ValueError, match=rf"{name} was called inside the body of JAX's own "
+                                         r"shard_map .* manual over mesh axes \['data'\]; .* "
+                                         r"Make the enclosing one meshstate.transform.shard_map"):
+      f(jnp.ones((D * M, 3)))
+  close(count.value, 1.0)
+
+
 # -- inputs sharded on an Explicit-axis mesh ------------------------------------------------------
 
 def test_pmap2_accepts_input_sharded_on_explicit_mesh():

@@ -555,3 +555,52 @@ def test_a_mapped_step_inside_a_loop_traces_once(loop, kind, monkeypatch):
   # values, and they are lifted to the program's inputs as at the top level.
   outs, states = _one_trace_equals_two(_looped, loop, kind, monkeypatch)
   assert np.isfinite(np.asarray(outs)).all()
+
+
+def _nested_run(outer_kind, inner_kind, mesh_kind, monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = mesh_2x4(mesh_kind)
+  count, traces = State(jnp.zeros(())), {'outer': 0, 'inner': 0}
+
+  def inner(v):
+    traces['inner'] += 1
+    count.value = count.value + lax.psum(lax.psum(v.sum(), 'model'), 'data')
+    return v * 2 + lax.axis_index('model')
+
+  g = (pmap2(inner, axis_name='model') if inner_kind == 'pmap2' else
+       shard_map(inner, in_specs=P('model'), out_specs=P('model'), axis_names={'model'}))
+
+  def outer(block):
+    traces['outer'] += 1
+    return g(block) + 1
+
+  x = jnp.arange(N * 3.0).reshape(N, 3) / 10
+  if outer_kind == 'pmap2':
+    step = pmap2(outer, axis_name='data', mesh=mesh)
+    f = lambda v: step(v.reshape(2, N // 2, 3)).reshape(N, 3)  # noqa: E731
+  else:
+    f = shard_map(outer, mesh=mesh, in_specs=P('data'), out_specs=P('data'), axis_names={'data'},
+                  check_vma=outer_kind == 'shard_map')
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, count.value, traces
+
+
+@pytest.mark.parametrize('mesh_kind', ['Mesh', 'make_mesh'])
+@pytest.mark.parametrize('inner_kind', ['pmap2', 'shard_map'])
+@pytest.mark.parametrize('outer_kind', ['shard_map', 'unchecked shard_map', 'pmap2'])
+def test_a_mapping_nested_in_another_traces_once(outer_kind, inner_kind, mesh_kind, monkeypatch):
+  # The enclosing discovery is traced on the program's (partly manual) mesh, where the nested
+  # mapping builds the program it runs: each body is traced once, the enclosing trace is the
+  # program, and the nested one's is the program nested in it.
+  args = outer_kind, inner_kind, mesh_kind, monkeypatch
+  outs, count, traces = _nested_run(*args, lift=True)
+  outs2, count2, traces2 = _nested_run(*args, lift=False)
+  assert traces == {'outer': 1, 'inner': 1}
+  assert traces2['outer'] == 2 and traces2['inner'] >= 2
+  jax.tree.map(close, outs, outs2)
+  close(count, count2)
+  x = np.arange(N * 3.0).reshape(N, 3) / 10
+  close(outs[1], (x + 1) * 2 + np.arange(N)[:, None] % 4 + 1)   # 'model' has 4 devices
+  close(count, 2 * x.sum() + N * 3)

@@ -1,6 +1,7 @@
 """`State` objects and the trace stack that records which states a function touches."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable
 
@@ -70,6 +71,13 @@ def frames() -> list['Frame']:
   return _local.stack
 
 
+def _on_mesh(mesh: Any):
+  """Context: `mesh` as the abstract mesh, where it has axes and is not the current one."""
+  if not mesh.axis_names or mesh == jax.sharding.get_abstract_mesh():
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 class Frame:
   """Records, in first-touch order, the states read and written while a function is traced.
 
@@ -92,10 +100,12 @@ class Frame:
     self.parent: Frame | None = None
     self.trace: Any = None   # the JAX trace the frame was entered in (opaque)
     self.level: Any = None   # the same trace, to bind views to
+    self.mesh: Any = None    # the abstract mesh it was entered under, to type views by
 
   def __enter__(self) -> 'Frame':
     self.trace = get_opaque_trace_state()
     self.level = current_trace()
+    self.mesh = jax.sharding.get_abstract_mesh()
     stack = _local.stack
     self.parent = stack[-1] if stack else None
     with _frames_lock:
@@ -135,8 +145,9 @@ class Frame:
       self.reads[state] = None
       if self.view is not None:
         # Made at the frame's own trace level, even when first read inside a scan, cond or
-        # jax.jit body (which then closes over it): the read stays in the frame's own jaxpr.
-        with at_trace(self.level):
+        # jax.jit body (which then closes over it): the read stays in the frame's own jaxpr,
+        # under the frame's own mesh (not that of a shard_map body nested in it).
+        with at_trace(self.level), _on_mesh(self.mesh):
           base = self.view(state, base)
     self.values[state] = base
     return base

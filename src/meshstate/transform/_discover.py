@@ -48,11 +48,19 @@ def explicitly_typed(x: Any) -> bool:
 
 def _placeholder(x: Any) -> Any:
   # An enclosing trace's value is kept (with what it varies over), unless its type names the
-  # whole of an Explicit mesh, which a body over some of its axes cannot take.
-  if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key) or (  # pyright: ignore
-      isinstance(x, jax.core.Tracer) and not explicitly_typed(x)):  # pyright: ignore
+  # whole of an Explicit mesh, which a body over some of its axes cannot take, or the mesh of
+  # an enclosing shard_map body, which a body nested in that one cannot take either.
+  if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):  # pyright: ignore
     return x
-  return lax.full(jnp.shape(x), 0, jnp.result_type(x))
+  varying = ()
+  if isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+    mesh = jax.typeof(x).sharding.mesh
+    if not explicitly_typed(x) and (not mesh.axis_names or
+                                    mesh == jax.sharding.get_abstract_mesh()):
+      return x
+    varying = tuple(vma_of(x))   # the stand-in varies over what the value does
+  fresh = lax.full(jnp.shape(x), 0, jnp.result_type(x))
+  return lax.pcast(fresh, varying, to='varying') if varying else fresh
 
 
 def placeholder(value: Any) -> Any:

@@ -115,11 +115,6 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-class _Calls(threading.local):
-  meshes = 0   # nested calls traced by this thread whose plan differs in a discovery
-
-
-_calls = _Calls()
 _STALE = object()  # never the current value: a reference to it forces a signature check
 _stale = lambda: _STALE  # noqa: E731
 _call_lock = threading.RLock()   # held by a call from reading its states to writing them back
@@ -633,8 +628,6 @@ class StatefulMapping:
 
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
-    if self._mapper.nested_plan_differs:
-      _calls.meshes += 1
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
     if (entry.out_states or entry.static_writes) and not in_frame_trace():
       raise traced_write_error(f'{self.name} writes states and was called inside a meshstate '
@@ -955,17 +948,14 @@ class StatefulMapping:
     fed: dict[State, Any] = {}   # read-modify-write states that 'auto' feeds per lane
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
     # Traced inside another transform, the states' values are its tracers, which a reader types
-    # as lanes even when the program is traced again (an Explicit mesh's axes included); inside
-    # another mapping's mesh body the views' mesh is not the program's, so it is traced again.
-    nested = bool(_local.stack)
+    # as lanes even when the program is traced again (an Explicit mesh's axes included).
     layout.named = [s._value for s in self._named_states()]
     blocks = mapper.unliftable(layout, leaves)
-    lift = blocks is not None and (not nested or context_key() is None)
-    if nested and blocks is None:
+    lift = blocks is not None
+    if _local.stack and blocks is None:
       blocks = never_blocks
     while True:
       reader = None if blocks is None else Reader(blocks)
-      meshes = _calls.meshes
       view = self._viewer(layout, paths, fed, reader)
       try:
         disc = discover(lambda probe: mapper.trace(probe, leaves, layout), body, view)
@@ -1001,7 +991,7 @@ class StatefulMapping:
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)
     program = None
-    if lift and reader is not None and _calls.meshes == meshes:   # (else a nested map differs)
+    if lift and reader is not None:
       program = reader.program(disc, len(leaves), out_states, random_in, self._lane_names(layout))
     if program is None:
       program = self._program(body, random_in, layout, disc.out_avals)

@@ -10,9 +10,9 @@ body, or by a nested meshstate call, is still read at the top level: a frame mak
 its own trace level (`Frame.read`), and the inner body closes over them. Lanes are typed by
 the Explicit mesh axes that stay in a `shard_map` or `vmap` body (`lane_sharding`). A value
 whose type in the program discovery cannot know leaves the reader unusable (the mapper says
-which values: `Mapper.unliftable`), and so does a `pmap2`/`shard_map` nested in another (which
-plans a `vmap` while discovered): the engine then traces the body a second time to build the
-program. A call inside `jit` or a loop is lifted too: its slots are that trace's values.
+which values: `Mapper.unliftable`): the engine then traces the body a second time to build the
+program. A call inside `jit` or a loop is lifted too: its slots are that trace's values, and so
+is a `pmap2`/`shard_map` nested in another's body, whose discovery runs on that body's mesh.
 """
 from __future__ import annotations
 

@@ -60,9 +60,6 @@ class Mapper:
   keeps_layout = False  # True when written states are pinned to the layout they came in with
   follows_context = False   # True when the mesh is the context mesh of each call
   check_vma = False   # True when the body runs under shard_map's varying-axes typing
-  # True when, called inside an enclosing discovery, it plans another program than it runs
-  # (a nested pmap2 plans a vmap then): that discovery cannot be the enclosing program.
-  nested_plan_differs = False
   # Declared for the type checker only: the mesh mappers (`_mesh.py`) have these, and the
   # engine reaches them where it knows the kind of mapper, or after a `hasattr` check.
   user_mesh: Any

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate import _compat
 from meshstate.transform._axes import entry_axes, spec_at, spec_entries
-from meshstate.transform._mappers import (Mapper, VmapMapper, constrain, plan_of, trace_mapped,
+from meshstate.transform._mappers import (Mapper, constrain, plan_of, trace_mapped,
                                           vmapped)
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
@@ -53,13 +53,23 @@ def current_mesh() -> Mesh | None:
   return _context.stack[-1][0] if _context.stack else None
 
 
+def not_in_a_raw_body(what: str) -> None:
+  """Raise unless the calling mapping is outside every `shard_map` body or inside a meshstate
+  one: in a body of JAX's own (`jax.shard_map`, `jax.pmap`) meshstate has no mesh to map on."""
+  if _context.stack:
+    return
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual]
+  if manual:
+    raise ValueError(f'{what} was called inside the body of JAX\'s own shard_map (or pmap), '
+                     f'which is manual over mesh axes {manual}; meshstate maps inside its own '
+                     f'bodies only. Make the enclosing one meshstate.transform.shard_map (it '
+                     f'takes the same arguments), or call {what} outside it.')
+
+
 def context_key() -> tuple | None:
   """Identifies the enclosing body a nested call is traced in (programs differ per context)."""
   return (id(_context.stack[-1][0]), _context.stack[-1][1]) if _context.stack else None
-
-
-def _discovering() -> bool:
-  return bool(_context.stack) and _context.stack[-1][1]
 
 
 @contextlib.contextmanager
@@ -80,8 +90,20 @@ def _body_mesh(mesh: Mesh, manual: frozenset):
   Explicit-axis mesh the lanes are typed by the axes that stay Explicit in the body
   (`lane_sharding`), as the program's are.
   """
-  manual_mesh = mesh.abstract_mesh.update_axis_types({a: AxisType.Manual for a in manual})
+  base = jax.sharding.get_abstract_mesh()   # nested in a body on `mesh`: its axes stay manual
+  if AxisType.Manual not in base.axis_types or (
+      (base.axis_names, base.axis_sizes) != (mesh.axis_names, mesh.axis_sizes)):
+    base = mesh.abstract_mesh
+  manual_mesh = base.update_axis_types({a: AxisType.Manual for a in manual})
   return jax.sharding.use_abstract_mesh(manual_mesh)
+
+
+def _manual_too(manual: frozenset):
+  """The context's abstract mesh with the `manual` axes manual too: what a body nested in
+  another mesh body's is traced under (its lanes vary over them)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.sharding.use_abstract_mesh(mesh.update_axis_types({a: AxisType.Manual
+                                                                 for a in manual}))
 
 
 class NeedAxis(Exception):
@@ -129,14 +151,18 @@ def typed_elsewhere(x: Any, mesh: Any) -> bool:
 
   Laid out over the same devices or not, such a value cannot enter a program on `mesh`.
   """
-  return explicitly_typed(x) and (  # its type's mesh is an AbstractMesh
-      jax.typeof(x).sharding.mesh != getattr(mesh, 'abstract_mesh', mesh))
+  if not explicitly_typed(x):
+    return False
+  own = jax.typeof(x).sharding.mesh   # an AbstractMesh
+  # (Nested in a body on `mesh`, a value of that body is typed by its partly manual mesh.)
+  return own != getattr(mesh, 'abstract_mesh', mesh) and not (
+      current_mesh() is mesh and own == jax.sharding.get_abstract_mesh())
 
 
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
   check_vma = True
-  nested_plan_differs = True
+
 
   def mesh_and_specs(self, layout) -> tuple[Mesh, frozenset, tuple, tuple]:
     """`(mesh, manual axes, in_specs, out_specs)` for `layout`."""
@@ -275,16 +301,13 @@ class MeshMapper(_ShardMapMapper):
     # Discovery is traced under the abstract mesh the program runs under: a shard_map body's,
     # or with more lanes than devices the whole mesh, which the program's vmap batches over.
     mesh, manual = self.mesh(layout.size, layout.name), frozenset({layout.name})
-    context = (contextlib.nullcontext() if current_mesh() is not None else
+    context = (_manual_too(manual) if current_mesh() is not None else
                _body_mesh(mesh, manual) if self.lanes_per_device(layout) == 1 else
                jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
     with _inside(mesh, True, manual), context:
       return trace_mapped(probe, slots, layout)
 
   def plan(self, body, layout, donate):
-    if _discovering():   # nested in a pmap2's discovery, which traces lanes: so do we
-      self.mesh(layout.size, layout.name)   # (and claim our axis of the enclosing mesh)
-      return VmapMapper().plan(body, layout, donate)
     if self.lanes_per_device(layout) == 1:
       return super().plan(body, layout, donate)
     # More lanes than devices: vmap over all lanes, the lane axis split over the devices.
@@ -340,6 +363,7 @@ class MeshMapper(_ShardMapMapper):
     self._inner[need.name] = need.size
 
   def mesh(self, size: int, name: str) -> Mesh:
+    not_in_a_raw_body('pmap2')
     if any(name in manual for *_, manual in _context.stack):
       raise ValueError(f'Nested pmap2 calls both use axis_name {name!r}: the inner one would map '
                        f'over the axis the outer one already maps. Give the inner pmap2 another '
@@ -429,9 +453,12 @@ class SpecMapper(_ShardMapMapper):
 
   @property
   def user_mesh(self) -> Mesh:
+    not_in_a_raw_body('shard_map')
     if self._mesh is not None:
       return self._mesh
-    mesh = _compat.context_mesh()   # also while an enclosing jit traces
+    # Nested in a meshstate mapping's body, that body's mesh is the context mesh (as JAX's
+    # shard_map nested in another finds it); else `jax.set_mesh`'s, also while a jit traces.
+    mesh = current_mesh() or _compat.context_mesh()
     if not isinstance(mesh, Mesh) or not mesh.axis_names:
       raise ValueError('shard_map was given no mesh= and there is no context mesh; pass mesh=, '
                        'or call it under `with jax.sharding.set_mesh(mesh):`.')

@@ -201,13 +201,18 @@ class StatefulShardMap(StatefulMapping):
                          f'axes {entry!r}.')
     return block_shape(shape, spec, self.mesh)
 
+  def _own(self, vma: frozenset) -> frozenset:
+    # Axes an enclosing body is manual over are not this one's to name in a spec: a value
+    # varying over them leaves this body as it came in (JAX's nested shard_map does the same).
+    return vma & self._mapper.manual(self.mesh)
+
   def _layout_outputs(self, disc, layout):
     out_avals = disc.out_tree.unflatten(disc.out_avals)
     specs = self._specs(self.out_specs, out_avals, 'out_specs', 'output')
     flat = jax.tree_util.tree_flatten_with_path(out_avals)[0]
     for (path, _), spec, vma in zip(flat, specs, disc.out_vma):
       self._check_axes(spec, f'out_specs for output{jax.tree_util.keystr(path)}')
-      missing = vma - set(spec_axes(spec))
+      missing = self._own(vma) - set(spec_axes(spec))
       if missing:
         raise ValueError(f'out_specs gives output{jax.tree_util.keystr(path)} the spec {spec}, '
                          f'but its value differs across mesh axes {sorted(missing)}; name them '
@@ -217,7 +222,7 @@ class StatefulShardMap(StatefulMapping):
   def _layout_state_out(self, state, disc, in_spec, paths):
     spec = self._first(self.state_out_specs, state, paths) or in_spec or P()
     self._check_axes(spec, f'state_out_specs for {self._describe(state, paths)}')
-    missing = disc.write_vma[state] - set(spec_axes(spec))
+    missing = self._own(disc.write_vma[state]) - set(spec_axes(spec))
     if missing:
       raise ValueError(f'{self._describe(state, paths)} is written with a value that differs '
                        f'across mesh axes {sorted(missing)}, but its out spec is {spec}; give it '
