@@ -402,10 +402,11 @@ def test_a_mapping_inside_jax_shard_map_names_the_enclosing_one(mesh):
   for name, inner in [('pmap2', g), ('shard_map', h)]:
     f = jax.jit(jax.shard_map(lambda b, inner=inner: inner(b) + count.value, mesh=mesh,
                               in_specs=P('data'), out_specs=P('data'), axis_names={'data'}))
+    x = jax.device_put(jnp.ones((D * M, 3)), NamedSharding(mesh, P('data')))
     with pytest.raises(ValueError, match=rf"{name} was called inside the body of JAX's own "
                                          r"shard_map .* manual over mesh axes \['data'\]; .* "
                                          r"Make the enclosing one meshstate.transform.shard_map"):
-      f(jnp.ones((D * M, 3)))
+      f(x)
   close(count.value, 1.0)
 
 

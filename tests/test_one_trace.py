@@ -283,6 +283,43 @@ def test_vmap2_of_a_named_state_on_an_explicit_mesh_and_a_plain_batch_traces_onc
   assert ((draws > -1e-5) & (draws < 1 + 1e-5)).all() and len(np.unique(draws.round(5))) == N
 
 
+def _vmap2_on_explicit_states_by_filter(monkeypatch, lift):
+  if not lift:
+    monkeypatch.setattr(_engine, 'Reader', _NoLift)
+  mesh = jax.make_mesh((N,), ('i',))
+  w = ParamState(jax.device_put(jnp.arange(N * 3.0).reshape(N, 3), NamedSharding(mesh, P('i'))))
+  scale = ShortTermState(jax.device_put(jnp.full(3, 2.0), NamedSharding(mesh, P())))
+  rng, traces = RandomState(4), []
+
+  def step(v):
+    traces.append('start')
+    w.value = w.value * 0.5 + v * scale.value   # a per-lane state, then an unmapped one
+    traces.append('end')
+    return v.sum() + rng.uniform() + lax.axis_index('i')
+
+  f = vmap2(step, axis_name='i', state_in_axes={0: ParamState}, state_out_axes={0: ParamState})
+  x = jnp.arange(N * 3.0).reshape(N, 3) / 10   # on no mesh; no state is named before the call
+  outs = [f(x), f(x + 1)]
+  monkeypatch.undo()
+  return outs, (w.value, rng.value), traces
+
+
+def test_vmap2_of_states_on_an_explicit_mesh_found_by_a_filter_runs_its_body_once(monkeypatch):
+  # Traced under no mesh, discovery stops at the first read of a state typed by one and runs
+  # again under that mesh, the program's: the body runs to its end once, and that is the
+  # program. (With lifting off it runs to its end twice.)
+  outs, (w, _), traces = _vmap2_on_explicit_states_by_filter(monkeypatch, lift=True)
+  outs2, states2, traces2 = _vmap2_on_explicit_states_by_filter(monkeypatch, lift=False)
+  assert traces == ['start', 'start', 'end'] and traces2.count('end') == 2
+  jax.tree.map(close, outs, outs2)
+  jax.tree.map(close, (w, _), states2)
+  assert str(jax.typeof(w)) == f'float32[{N}@i,3]'
+  x = np.arange(N * 3.0).reshape(N, 3) / 10
+  close(w, (np.arange(N * 3.0).reshape(N, 3) * 0.5 + x * 2) * 0.5 + (x + 1) * 2)
+  draws = np.asarray(outs[0]) - x.sum(1) - np.arange(N)
+  assert ((draws > -1e-5) & (draws < 1 + 1e-5)).all() and len(np.unique(draws.round(5))) == N
+
+
 def _jit_on_explicit_mesh(monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)

@@ -561,6 +561,34 @@ def test_vmap2_over_a_batch_on_a_mesh_compiles_once(kind, caplog):
   assert ((draws >= 0) & (draws < 1)).all() and len(np.unique(draws.round(5))) == N
 
 
+@pytest.mark.parametrize('mapped', [True, False])
+def test_vmap2_of_a_plain_batch_and_states_on_an_explicit_mesh_compiles_once(mapped, caplog):
+  # The program runs under the mesh of the typed state, and leaves the states made on no mesh
+  # (a counter, a RandomState) there: they go there before the first call, as its outputs are.
+  mesh = jax.make_mesh((N,), ('i',))
+  on_mesh = NamedSharding(mesh, P('i') if mapped else P())
+  w = ParamState(jax.device_put(jnp.zeros((N, 3)) if mapped else jnp.zeros(3), on_mesh))
+  count, rng = State(jnp.zeros(())), RandomState(1)
+
+  def step(v):
+    w.value = w.value + v if mapped else w.value + lax.psum(v.sum(), 'i')
+    count.value = count.value + 1
+    return v.sum() + rng.uniform()
+  axes = {0: ParamState} if mapped else {}
+  f = vmap2(step, axis_name='i', state_in_axes=axes, state_out_axes=axes)
+  x = jnp.ones((N, 3))   # on no mesh
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    outs = [f(x) for _ in range(3)]
+  compiles = [r for r in caplog.records if 'Compiling jit' in r.getMessage()
+              and re.search(rf'float32\[{N}(@i)?,3\]', r.getMessage())]
+  assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+  assert f.cache_info().misses == 1
+  close(w.value, 3 * np.ones((N, 3)) if mapped else 3 * N * 3 * np.ones(3))
+  assert float(count.value) == 3.0 and w.value.sharding.is_equivalent_to(on_mesh, w.value.ndim)
+  draws = np.asarray(outs[0]) - 3
+  assert ((draws >= 0) & (draws < 1)).all() and len(np.unique(draws.round(5))) == N
+
+
 # --- errors leave states alone ----------------------------------------------------------------
 
 def _writer():

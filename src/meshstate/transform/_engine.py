@@ -32,7 +32,7 @@ from meshstate.random import RandomState
 from meshstate.transform import _axes
 from meshstate.transform._discover import discover, lane_key, lane_slice, placeholder, vary
 from meshstate.transform._lift import Reader, never_blocks
-from meshstate.transform._mappers import CustomMapper, Mapper, VmapMapper
+from meshstate.transform._mappers import CustomMapper, Mapper, NeedMesh, VmapMapper
 from meshstate.transform._mesh import NeedAxis, context_key, typed_elsewhere
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
                                             to_local)
@@ -964,6 +964,10 @@ class StatefulMapping:
           raise
         mapper.add_axis(need)
         continue
+      except NeedMesh as need:   # vmap2 read a state typed by a mesh: trace under it
+        layout.named.append(need.value)
+        blocks = mapper.unliftable(layout, leaves)
+        continue
       more = self._auto_fed(disc, layout, fed, paths)
       if not more:
         break
@@ -987,6 +991,9 @@ class StatefulMapping:
     layout.in_states, layout.out_states = in_states, out_states
     layout.static_reads, layout.static_writes = disc.static_reads, disc.static_writes
 
+    if layout.batch is None and not _local.stack:
+      layout.batch = mapper.typed_batch([*leaves, *(s._value for s in in_states)],
+                                        layout.slot_axes)
     vals = self._placed(in_states, layout) if not _local.stack else [s.value for s in in_states]
     layout.out_shardings = self._kept_shardings(layout, disc, dict(zip(in_states, vals)),
                                                 in_layout, state_out)

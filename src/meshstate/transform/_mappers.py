@@ -14,13 +14,14 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from meshstate._compat import ArrayImpl
 from meshstate.transform._axes import spec_at, spec_entries
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
 from meshstate.transform._plan import Plan
 
-__all__ = ['Mapper', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain', 'on_typed_mesh',
-           'trace_mapped']
+__all__ = ['Mapper', 'NeedMesh', 'VmapMapper', 'JitMapper', 'CustomMapper', 'constrain',
+           'on_typed_mesh', 'trace_mapped']
 
 
 def _pin(value: Any, sharding: Any) -> Any:
@@ -72,6 +73,10 @@ class Mapper:
 
   def slot_shardings(self, layout: Any) -> list | None:
     """Where the program wants each input slot; states are placed there once."""
+    return None
+
+  def typed_batch(self, slots: Sequence[Any], slot_axes: Sequence[Any]) -> tuple | None:
+    """`Layout.batch` when no mapped argument is laid out on a mesh, from the slots' values."""
     return None
 
   def spans_processes(self) -> bool:
@@ -126,6 +131,15 @@ def vmapped(fn: Callable, layout: Any, spmd_axis_name: Any = None) -> Callable:
                   axis_name=layout.name, axis_size=layout.size, spmd_axis_name=spmd_axis_name)
 
 
+class NeedMesh(Exception):
+  """Raised by `vmap2`'s discovery, traced under no mesh, at the first read of a state typed
+  by an Explicit mesh: `value` is that state's leaf."""
+
+  def __init__(self, value: Any):
+    super().__init__('discovery needs the mesh of a state it read')
+    self.value = value
+
+
 class VmapMapper(Mapper):
   """`jax.vmap` under one `jax.jit` (the engine of `vmap2`).
 
@@ -144,9 +158,30 @@ class VmapMapper(Mapper):
 
   def unliftable(self, layout, args=()):
     # What vmap batches under the program's mesh (a lane's key, a random draw's own jitted
-    # function) needs that mesh in discovery's trace too.
+    # function) needs that mesh in discovery's trace too. Traced under none, the first read
+    # of a state typed by one stops discovery, which runs again under that mesh (the one the
+    # program, under its first typed slot's mesh, runs under).
     mesh = typed_mesh_of([*args, *layout.named])
-    return lambda x: explicitly_typed(x) and jax.typeof(x).sharding.mesh != mesh
+
+    def blocks(x):
+      if not explicitly_typed(x):
+        return False
+      if mesh is None and not isinstance(x, jax.core.Tracer):  # pyright: ignore
+        raise NeedMesh(x)
+      return jax.typeof(x).sharding.mesh != mesh
+    return blocks
+
+  def typed_batch(self, slots, slot_axes):
+    # A batch on no mesh runs under the mesh of the first Explicit-typed slot (`on_typed_mesh`),
+    # its lanes split as the first such mapped one's: the layout states are placed in then.
+    typed = [(x, a) for slot, a in zip(slots, slot_axes) for x in jax.tree.leaves(slot)
+             if type(x) is ArrayImpl and explicitly_typed(x)]
+    if not typed:
+      return None
+    mesh = typed[0][0].sharding.mesh
+    mapped = [(x, a) for x, a in typed if a is not None and x.sharding.mesh == mesh]
+    return mesh, spec_entries(mapped[0][0].sharding.spec, mapped[0][0].ndim)[mapped[0][1]] \
+        if mapped else None
 
   def slot_shardings(self, layout):
     # With a batch laid out on a mesh, a state goes there first, laid out as the program leaves
