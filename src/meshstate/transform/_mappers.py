@@ -145,8 +145,9 @@ class VmapMapper(Mapper):
 
   The program is traced under the mesh of its Explicit-typed slots (`on_typed_mesh`), and
   discovery under that of the typed arguments, or else of the states `state_in_axes` names
-  (`Layout.named`): discovery types each lane as the program's (`lane_aval`), and a program
-  lifts unless a state it reads is typed by a mesh discovery was not traced under.
+  (`Layout.named`), or else of the first state read that is typed by one (`NeedMesh`):
+  discovery types each lane as the program's (`lane_aval`), and a program lifts unless a state
+  it reads is typed by a mesh discovery was not traced under.
   """
 
   def __init__(self, spmd_axis_name: Any = None):
