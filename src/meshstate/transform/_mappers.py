@@ -181,8 +181,10 @@ class VmapMapper(Mapper):
       return None
     mesh = typed[0][0].sharding.mesh
     mapped = [(x, a) for x, a in typed if a is not None and x.sharding.mesh == mesh]
-    return mesh, spec_entries(mapped[0][0].sharding.spec, mapped[0][0].ndim)[mapped[0][1]] \
-        if mapped else None
+    if not mapped:
+      return mesh, None
+    x, axis = mapped[0]
+    return mesh, spec_entries(x.sharding.spec, x.ndim)[axis]
 
   def slot_shardings(self, layout):
     # With a batch laid out on a mesh, a state goes there first, laid out as the program leaves

@@ -22,8 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate import _compat
 from meshstate.transform._axes import entry_axes, spec_at, spec_entries
-from meshstate.transform._mappers import (Mapper, constrain, plan_of, trace_mapped,
-                                          vmapped)
+from meshstate.transform._mappers import Mapper, constrain, plan_of, trace_mapped, vmapped
 from meshstate.transform._discover import Traced, explicitly_typed, lane_aval, trace_lanes
 from meshstate.transform._lift import never_blocks
 from meshstate.transform._multihost import global_devices
@@ -162,7 +161,6 @@ def typed_elsewhere(x: Any, mesh: Any) -> bool:
 class _ShardMapMapper(Mapper):
   """What both mesh engines share: programs are `jit(shard_map(block_fn))` on a mesh."""
   check_vma = True
-
 
   def mesh_and_specs(self, layout) -> tuple[Mesh, frozenset, tuple, tuple]:
     """`(mesh, manual axes, in_specs, out_specs)` for `layout`."""
