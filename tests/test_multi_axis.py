@@ -394,6 +394,36 @@ def test_random_draws_in_a_nested_mapping_differ_per_device_and_advance_once(out
   assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
 
 
+def test_a_state_split_by_a_nested_pmap2_keeps_the_layout_of_its_spec(mesh):
+  # The shard_map lays w out by its spec, P('data'), replicated over 'model'; the pmap2 in its
+  # body splits each block over 'model'. A call writes w back as it was laid out, so the next
+  # call takes it as it is (before: split over both axes, and moved back on every call).
+  w0 = rand(D * M, 3)
+  w = ParamState(jnp.asarray(w0))
+  g = pmap2(lambda v: (setattr(w, 'value', w.value * 2 + v), v)[1], axis_name='model',
+            state_in_axes={0: w}, state_out_axes={0: w})
+  f = T.shard_map(lambda b: g(b), mesh=mesh, in_specs=P('data'), out_specs=P('data'),
+                  axis_names={'data'}, state_in_specs={w: P('data')},
+                  state_out_specs={w: P('data')})
+  x = rand(D * M, 3)
+  for _ in range(3):
+    f(jnp.asarray(x))
+  close(w.value, ((w0 * 2 + x) * 2 + x) * 2 + x)
+  assert spec_of(w.value) == P('data')
+  info, inner = f.cache_info(), g.cache_info()
+  assert (info.hits, info.misses) == (2, 1)
+  assert (inner.hits, inner.misses) == (0, 1)   # one lookup, traced in f's body
+
+
+def test_cache_info_counts_explain_as_a_lookup(mesh):
+  f = pmap2(lambda v: v * 2, axis_name='data', mesh=mesh)
+  x = jnp.ones((D, 3))
+  f.explain(x)
+  assert f.cache_info()[:2] == (0, 1)
+  f(x)
+  assert f.cache_info()[:2] == (1, 1)
+
+
 def test_a_mapping_inside_jax_shard_map_names_the_enclosing_one(mesh):
   count = State(jnp.ones(()))
   g = pmap2(lambda v: v * 2, axis_name='model')

@@ -204,6 +204,15 @@ def _batch_layout(flat: list, axes: Sequence[int | None]) -> tuple | None:
   return None
 
 
+def _layout_of(x: Any) -> Any:
+  """Where leaf `x` is laid out, alike for every spelling of one layout (`P('i')` and
+  `P('i', None)`: a call's placement and a program's pinned output spell it differently)."""
+  sharding = getattr(x, 'sharding', None)
+  if isinstance(sharding, NamedSharding):
+    return sharding.mesh, tuple(_axes.spec_entries(sharding.spec, x.ndim))
+  return sharding
+
+
 def _placed_elsewhere(x: jax.Array, where: Any) -> bool:
   """Whether array `x` must move to sharding `where`: laid out otherwise, or not on its mesh.
 
@@ -555,6 +564,9 @@ class StatefulMapping:
   def cache_info(self) -> CacheInfo:
     """Programs cached per call signature: `CacheInfo(hits, misses, maxsize, currsize)`.
 
+    Hits and misses count lookups: calls (also those traced inside another transform), and
+    `explain` and `lower`, which trace a program on a miss too.
+
     Example:
       >>> import jax.numpy as jnp, meshstate
       >>> f = meshstate.transform.jit(lambda x: x + 1)
@@ -628,6 +640,7 @@ class StatefulMapping:
 
   def _call_nested(self, key, leaves, treedef, args, kwargs, static):
     """A call traced inside another transform: states are read and written through it."""
+    self._ncalls += 1   # a lookup, as a call at the top level is (`cache_info`)
     entry = self._lookup(key, leaves, treedef, args, kwargs, static)
     if (entry.out_states or entry.static_writes) and not in_frame_trace():
       raise traced_write_error(f'{self.name} writes states and was called inside a meshstate '
@@ -676,6 +689,7 @@ class StatefulMapping:
   def _entry(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The cache entry for these arguments (traced, not run, on a miss), leaves, state values."""
     sig = self._signature(args, kwargs)
+    self._ncalls += 1
     entry = self._lookup(*sig)
     return entry, sig[1], [s.value for s in entry.in_states]
 
@@ -684,7 +698,7 @@ class StatefulMapping:
     # Where each leaf is laid out, which the program keeps (a nested call takes its values
     # as they come, concrete or the enclosing trace's, and keeps nothing).
     if self._mapper.keeps_layout and not _local.stack:
-      return sig, tuple(getattr(x, 'sharding', None) for x in jax.tree.leaves(value))
+      return sig, tuple(map(_layout_of, jax.tree.leaves(value)))
     return sig
 
   def _match(self, entries: Sequence[_Entry]) -> _Entry | None:
@@ -1125,13 +1139,17 @@ class StatefulMapping:
       written_tree, shapes = disc.write_leaves[state]
       axis = in_layout[state]
       # Each leaf written with its lane shape keeps its layout (a pytree's leaf by leaf).
-      each = [mapper.keep(x, axis, out, layout) if _lane_shape(x, axis) == shape else None
+      each = [mapper.keep(x, axis, out, layout) if self._lane_of(x, axis) == shape else None
               for x, shape in zip(leaves, shapes)] if tree == written_tree else []
       if jax.tree_util.treedef_is_leaf(tree):
         kept.append(each[0] if each else None)
       else:
         kept.append(each if any(s is not None for s in each) else None)
     return kept
+
+  def _lane_of(self, x: Any, axis: Any) -> tuple | None:
+    """The shape the body sees of a state's leaf `x` that `axis` lays out."""
+    return _lane_shape(x, axis)
 
   def _program(self, body: Callable, random_in: list, layout: Layout,
                out_avals: list) -> Callable:
@@ -1242,6 +1260,7 @@ class StatefulMapping:
     if runs is not self:
       return runs.lower(*args, **kwargs)
     sig = self._signature(args, kwargs)
+    self._ncalls += 1
     entry = self._lookup(*sig)
     if not hasattr(entry.fn, 'lower'):
       raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')

@@ -188,6 +188,10 @@ class StatefulShardMap(StatefulMapping):
                                   sharding=self._mapper.place(x, sharding))
     return jax.tree.map(placed, base)
 
+  def _lane_of(self, x: Any, axis: Any) -> tuple | None:
+    # One device's block (a random state's key has no spec: it is whole on every device).
+    return block_shape(jnp.shape(x), axis, self.mesh) if isinstance(axis, P) else jnp.shape(x)
+
   def _block_shape(self, shape: tuple, spec: P, state: State, paths: dict) -> tuple:
     """The shape of one device's block of a global `shape` laid out by `spec`."""
     if len(spec) > len(shape):
