@@ -96,7 +96,7 @@ class _Entry:
     self.single_out = plan.out_tree.num_nodes == 1 and plan.out_tree.num_leaves == 1
     self.sig, self.last = sig, _refs(last)   # `last`: references that keep nothing alive
     self.weak = False   # whether every value it tracks can be weakly referenced
-    self.key = None
+    self.key: Any = None   # the cache key `_remember` files it under
     self.stable = None  # whether a call leaves the states with the signature it was traced for
     self.direct = False  # whether calls may skip the checks and let the guarded program check
     self.layouts: list | None = None  # in-states' shardings a direct call needs (layout-keeping)
@@ -1259,13 +1259,10 @@ class StatefulMapping:
     runs = self._here()
     if runs is not self:
       return runs.lower(*args, **kwargs)
-    sig = self._signature(args, kwargs)
-    self._ncalls += 1
-    entry = self._lookup(*sig)
+    entry, leaves, vals = self._entry(args, kwargs)
     if not hasattr(entry.fn, 'lower'):
       raise TypeError(f'{self.name} runs through a custom mapping_fn, which has no lower().')
-    lowered = entry.fn.lower(*sig[1], *[s.value for s in entry.in_states])
-    return Lowered(self, entry.plan, lowered, sig[0])
+    return Lowered(self, entry.plan, entry.fn.lower(*leaves, *vals), entry.key)
 
   def state_paths(self) -> dict[State, tuple]:
     """Each state's path inside the mapped Module (empty when the function is not a Module's)."""

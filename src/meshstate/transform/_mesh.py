@@ -97,14 +97,6 @@ def _body_mesh(mesh: Mesh, manual: frozenset):
   return jax.sharding.use_abstract_mesh(manual_mesh)
 
 
-def _manual_too(manual: frozenset):
-  """The context's abstract mesh with the `manual` axes manual too: what a body nested in
-  another mesh body's is traced under (its lanes vary over them)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return jax.sharding.use_abstract_mesh(mesh.update_axis_types({a: AxisType.Manual
-                                                                 for a in manual}))
-
-
 class NeedAxis(Exception):
   """Raised by a `pmap2` traced inside another whose mesh lacks its axis: the outer adds it."""
 
@@ -299,8 +291,8 @@ class MeshMapper(_ShardMapMapper):
     # Discovery is traced under the abstract mesh the program runs under: a shard_map body's,
     # or with more lanes than devices the whole mesh, which the program's vmap batches over.
     mesh, manual = self.mesh(layout.size, layout.name), frozenset({layout.name})
-    context = (_manual_too(manual) if current_mesh() is not None else
-               _body_mesh(mesh, manual) if self.lanes_per_device(layout) == 1 else
+    # (Nested in another body, `lanes_per_device` is 1: `_body_mesh` keeps that body's axes.)
+    context = (_body_mesh(mesh, manual) if self.lanes_per_device(layout) == 1 else
                jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
     with _inside(mesh, True, manual), context:
       return trace_mapped(probe, slots, layout)
