@@ -17,8 +17,8 @@ the run (each call adds 1 to every element).
 
 `--profile` instead prints meshstate's own Python time per cached call, with the program replaced
 by a stub; `--ablate` times the program by hand with each piece of `pmap2`'s call added alone
-(the lock, the API boundary that filters tracebacks), beside an A/A control (see README,
-"Where the microseconds go").
+(the lock; the error boundary that filters tracebacks, and JAX's API-boundary decorator that it
+replaced), beside an A/A control (see README, "Where the microseconds go").
 
   python bench/dispatch.py [--states 1,16,256,4096] [--rounds 15] [--calls 20] [--quick]
   python bench/dispatch.py --profile [--states 1,256]
@@ -107,9 +107,27 @@ def _locked(call):
   from meshstate.transform._engine import _call_lock   # private: the lock a call holds
 
   def locked(x):
-    with _call_lock:
+    _call_lock.acquire()   # as pmap2's call holds it
+    try:
       return call(x)
+    finally:
+      _call_lock.release()
   return locked
+
+
+def _bounded(call):
+  """`call` inside the error boundary pmap2's call has: a try whose handler filters the
+  traceback as JAX's API boundary would (free until an error; the wrapper's frame is what
+  this variant adds, as `_locked`'s does)."""
+  from meshstate._compat import filter_traceback
+
+  def bounded(x):
+    try:
+      return call(x)
+    except Exception as err:
+      filter_traceback(err)
+      raise
+  return bounded
 
 
 def ablation(args, failures: T.Failures) -> list[dict]:
@@ -125,7 +143,9 @@ def ablation(args, failures: T.Failures) -> list[dict]:
                program_case(n_states, x, donate, 'by hand, again'),   # the A/A control
                program_case(n_states, x, donate, '+ lock', _locked),
                program_case(n_states, x, donate, '+ API boundary', api_boundary),
-               program_case(n_states, x, donate, '+ both', lambda c: api_boundary(_locked(c))),
+               program_case(n_states, x, donate, '+ error boundary', _bounded),
+               program_case(n_states, x, donate, '+ lock, error boundary',
+                            lambda c: _bounded(_locked(c))),
                meshstate_case(n_states, x, donate)]
       for case in cases:
         case.call = failures.wrap(case.name, case.call)

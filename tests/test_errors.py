@@ -103,6 +103,32 @@ def test_error_in_user_code_shows_user_frames_not_meshstates():
   assert float(s.value) == 0.0
 
 
+@pytest.mark.parametrize('filtering', ['auto', 'off'])
+def test_errors_of_a_cached_mapping_hide_meshstates_frames_unless_filtering_is_off(filtering):
+  s = State(jnp.zeros(N))
+
+  def step(x):
+    s.value = s.value + x
+    return x
+
+  f = pmap2(step, axis_name='i', state_in_axes={0: State}, state_out_axes={0: State})
+  f(jnp.ones(N))
+  f(jnp.ones(N))   # the mapping now calls its program directly
+  jax.config.update('jax_traceback_filtering', filtering)
+  try:
+    with pytest.raises(TypeError, match=r'argument args\[0\] is a str, not an array') as bad_arg:
+      f('not an array')
+    with pytest.raises(meshstate.StateTraceError) as traced_write:
+      jax.jit(lambda x: f(x))(jnp.ones(N))   # a raw JAX transform around a state-writing call
+  finally:
+    jax.config.update('jax_traceback_filtering', 'auto')
+  for err in (bad_arg, traced_write):
+    files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
+    assert files[0] == __file__
+    assert any(f.startswith(PACKAGE) for f in files) == (filtering == 'off'), files
+  assert float(s.value[0]) == 2.0
+
+
 def test_traceback_filtering_off_shows_meshstates_frames():
   jax.config.update('jax_traceback_filtering', 'off')
   try:

@@ -17,7 +17,7 @@ import jax
 
 __all__ = ['MIN_JAX', 'ArrayImpl', 'array_sharding', 'ShapedArray', 'vma', 'bound_axis_names',
            'tracer_kind', 'scan_counts', 'current_trace', 'at_trace', 'distributed_client',
-           'api_boundary', 'hide_frames_of', 'context_mesh']
+           'api_boundary', 'filter_traceback', 'hide_frames_of', 'context_mesh']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -85,6 +85,32 @@ _TRACERS = (
     (_private('jax._src.interpreters.partial_eval', 'DynamicJaxprTracer').DynamicJaxprTracer,
      'DynamicJaxprTracer'),
 )
+
+
+@api_boundary
+def _reraise(err: Exception) -> None:
+  raise err
+
+
+def filter_traceback(err: Exception) -> None:
+  """Give `err`, caught by the caller, the traceback JAX's API boundary would give it, for the
+  caller to re-raise with a bare `raise` (which adds no frame of its own).
+
+  The boundary as a decorator costs a call frame on every call; this costs nothing until an
+  error. It filters only where JAX's would: not under another API boundary, nor with
+  `JAX_TRACEBACK_FILTERING=off`.
+  """
+  tb = err.__traceback__
+  try:
+    _reraise(err)
+  except Exception:
+    pass
+  # Unfiltered, the traceback still holds `tb`; filtered, this frame heads what is left.
+  head = err.__traceback__
+  node = head
+  while node is not None and node is not tb:
+    node = node.tb_next
+  err.__traceback__ = tb if node is tb else head.tb_next
 
 
 def hide_frames_of(path: str) -> None:
