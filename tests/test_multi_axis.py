@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import meshstate
-from helpers import mesh_2x4
+from helpers import mesh_2x4, nested_step, nested_want
 from meshstate import LongTermState, ParamState, State
 from meshstate.random import RandomState
 from meshstate import transform as T
@@ -326,42 +326,18 @@ def test_nested_pmap2_read_modify_write_state():
 
 # -- meshstate mappings nested in one another: steps of a pmap(pmap) migration ------------------
 
-def _nested(outer_kind, inner_kind, mesh, check_vma, count):
-  """A step over 'data' (the outer mapping) calling one over 'model' (the inner), as JAX's own
-  shard_map nests; the inner one finds the outer one's mesh, and writes `count`."""
-  def inner(v):
-    count.value = count.value + lax.psum(lax.psum(v.sum(), 'model'), 'data')
-    return v * 2 + lax.axis_index('model') + 10 * lax.axis_index('data')
-
-  if inner_kind == 'pmap2':
-    g = pmap2(inner, axis_name='model')
-  else:   # no mesh=: the enclosing body's
-    g = T.shard_map(inner, in_specs=P('model'), out_specs=P('model'), axis_names={'model'},
-                    check_vma=check_vma)
-
-  def outer(block):
-    return g(block) + 1
-
-  if outer_kind == 'pmap2':
-    f = pmap2(outer, axis_name='data', mesh=mesh)
-    return lambda x: f(x.reshape(D, M, -1)).reshape(D * M, -1)
-  return T.shard_map(outer, mesh=mesh, in_specs=P('data'), out_specs=P('data'),
-                     axis_names={'data'}, check_vma=check_vma)
-
-
 @pytest.mark.parametrize('outer_kind,inner_kind,check_vma', [
     ('shard_map', 'pmap2', True), ('shard_map', 'pmap2', False), ('shard_map', 'shard_map', True),
     ('shard_map', 'shard_map', False), ('pmap2', 'shard_map', True)])
 def test_a_mapping_nested_in_another_maps_over_its_own_axis(outer_kind, inner_kind, check_vma,
                                                              mesh):
   count = State(jnp.zeros(()))
-  f = _nested(outer_kind, inner_kind, mesh, check_vma, count)
+  f, _ = nested_step(outer_kind, inner_kind, mesh, count, outer_check=check_vma,
+                     inner_check=check_vma)
   x = rand(D * M, 3)
   outs = [f(jnp.asarray(x)), f(jnp.asarray(x))]
-  d, m = np.divmod(np.arange(D * M), M)
-  want = x * 2 + (m + 10 * d)[:, None] + 1
   for out in outs:
-    close(out, want)
+    close(out, nested_want(x))
   close(count.value, 2 * x.sum())
   assert not isinstance(count.value, jax.core.Tracer)
 

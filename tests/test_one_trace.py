@@ -17,7 +17,7 @@ from meshstate import ParamState, ShortTermState, State
 from meshstate.random import RandomState
 from meshstate.transform import _engine, jit, pmap2, shard_map, vmap2
 
-from helpers import N, close, mesh_2x4
+from helpers import N, close, mesh_2x4, nested_step, nested_want
 
 
 class _NoLift(_engine.Reader):
@@ -597,28 +597,10 @@ def test_a_mapped_step_inside_a_loop_traces_once(loop, kind, monkeypatch):
 def _nested_run(outer_kind, inner_kind, mesh_kind, monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)
-  mesh = mesh_2x4(mesh_kind)
-  count, traces = State(jnp.zeros(())), {'outer': 0, 'inner': 0}
-
-  def inner(v):
-    traces['inner'] += 1
-    count.value = count.value + lax.psum(lax.psum(v.sum(), 'model'), 'data')
-    return v * 2 + lax.axis_index('model')
-
-  g = (pmap2(inner, axis_name='model') if inner_kind == 'pmap2' else
-       shard_map(inner, in_specs=P('model'), out_specs=P('model'), axis_names={'model'}))
-
-  def outer(block):
-    traces['outer'] += 1
-    return g(block) + 1
-
+  count = State(jnp.zeros(()))
+  f, traces = nested_step(outer_kind.split()[-1], inner_kind, mesh_2x4(mesh_kind), count,
+                          outer_check=outer_kind == 'shard_map')
   x = jnp.arange(N * 3.0).reshape(N, 3) / 10
-  if outer_kind == 'pmap2':
-    step = pmap2(outer, axis_name='data', mesh=mesh)
-    f = lambda v: step(v.reshape(2, N // 2, 3)).reshape(N, 3)  # noqa: E731
-  else:
-    f = shard_map(outer, mesh=mesh, in_specs=P('data'), out_specs=P('data'), axis_names={'data'},
-                  check_vma=outer_kind == 'shard_map')
   outs = [f(x), f(x + 1)]
   monkeypatch.undo()
   return outs, count.value, traces
@@ -639,5 +621,5 @@ def test_a_mapping_nested_in_another_traces_once(outer_kind, inner_kind, mesh_ki
   jax.tree.map(close, outs, outs2)
   close(count, count2)
   x = np.arange(N * 3.0).reshape(N, 3) / 10
-  close(outs[1], (x + 1) * 2 + np.arange(N)[:, None] % 4 + 1)   # 'model' has 4 devices
+  close(outs[1], nested_want(x + 1))
   close(count, 2 * x.sum() + N * 3)
