@@ -320,6 +320,63 @@ def test_vmap2_of_states_on_an_explicit_mesh_found_by_a_filter_runs_its_body_onc
   assert ((draws > -1e-5) & (draws < 1 + 1e-5)).all() and len(np.unique(draws.round(5))) == N
 
 
+def test_vmap2_that_found_its_mesh_mid_trace_traces_a_new_signature_once():
+  # The first call's discovery stops at the read of a state typed by a mesh that nothing named
+  # and starts again under it; a later signature (another shape of y) starts under that mesh.
+  mesh = jax.make_mesh((N,), ('i',))
+  w = ParamState(jax.device_put(jnp.arange(N * 3.0).reshape(N, 3), NamedSharding(mesh, P('i'))))
+  scale = ShortTermState(jax.device_put(jnp.full(3, 2.0), NamedSharding(mesh, P())))
+  traces = []
+
+  def step(v, y):
+    traces.append('start')
+    w.value = w.value * 0.5 + v * scale.value
+    traces.append('end')
+    return v.sum() + y.sum()
+
+  f = vmap2(step, axis_name='i', state_in_axes={0: ParamState}, state_out_axes={0: ParamState})
+  x = jnp.arange(N * 3.0).reshape(N, 3) / 10
+  runs = []
+  for width in (2, 5, 2):
+    traces.clear()
+    out = f(x, jnp.ones((N, width)))
+    runs.append(list(traces))
+    close(out, np.asarray(x).sum(1) + width)
+  assert runs == [['start', 'start', 'end'], ['start', 'end'], []]
+  want = np.arange(N * 3.0).reshape(N, 3)
+  for _ in range(3):
+    want = want * 0.5 + np.asarray(x) * 2
+  close(w.value, want)
+  assert str(jax.typeof(w.value)) == f'float32[{N}@i,3]'
+
+
+def test_pmap2_in_pmap2_without_meshes_traces_a_new_signature_once():
+  # The first call's outer discovery stops where the inner pmap2 asks for its axis, and starts
+  # again on a mesh with it; the outer mapping keeps that axis for later signatures.
+  traces = []
+
+  def inner(v):
+    traces.append('inner')
+    return v * 2 + lax.axis_index('m')
+
+  g = pmap2(inner, axis_name='m')
+
+  def outer(block):
+    traces.append('outer')
+    return g(block) + lax.axis_index('d')
+
+  f = pmap2(outer, axis_name='d')
+  runs = []
+  for width in (3, 5, 3):
+    traces.clear()
+    x = np.arange(N * width, dtype=np.float32).reshape(2, N // 2, width)
+    out = f(jnp.asarray(x))
+    runs.append(list(traces))
+    d, m = np.divmod(np.arange(N), N // 2)
+    close(out, x * 2 + (m + d).reshape(2, N // 2, 1))
+  assert runs == [['outer', 'outer', 'inner'], ['outer', 'inner'], []]
+
+
 def _jit_on_explicit_mesh(monkeypatch, lift):
   if not lift:
     monkeypatch.setattr(_engine, 'Reader', _NoLift)

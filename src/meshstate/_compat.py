@@ -110,7 +110,7 @@ def filter_traceback(err: Exception) -> None:
   node = head
   while node is not None and node is not tb:
     node = node.tb_next
-  err.__traceback__ = tb if node is tb else head.tb_next
+  err.__traceback__ = tb if node is tb or head is None else head.tb_next
 
 
 def hide_frames_of(path: str) -> None:

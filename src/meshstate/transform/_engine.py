@@ -393,6 +393,7 @@ class StatefulMapping:
     self._ncalls = self._misses = 0
     self._direct: _Entry | None = None   # the entry a positional call may run unchecked
     self._retraces = 0
+    self._typed_reads: list[weakref.ref] = []   # see _remember_typed
     self._on_meshes: dict[Mesh, StatefulMapping] = {}   # copies run under a context mesh
     self._warned: set[State] = set()
     self._touched: dict[State, None] = {}
@@ -421,7 +422,7 @@ class StatefulMapping:
     new.origin_fun = new.__wrapped__ = fun
     new._cache, new._flat, new._warned, new._touched = {}, {}, set(), {}
     new._lru, new._ncalls, new._misses = collections.OrderedDict(), 0, 0
-    new._direct, new._retraces, new._on_meshes = None, 0, {}
+    new._direct, new._retraces, new._on_meshes, new._typed_reads = None, 0, {}, []
     new._bound = weakref.WeakKeyDictionary()
     return new
 
@@ -601,6 +602,7 @@ class StatefulMapping:
       self._ncalls = self._misses = self._retraces = 0
       self._direct = None
       self._on_meshes.clear()
+      self._typed_reads = []
 
   def _prepare(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
     """The general path: the entry for any arguments (traced on a miss), leaves, state values."""
@@ -969,7 +971,9 @@ class StatefulMapping:
     # One trace when it can be lifted to the program (`_lift.py`), else a second one builds it.
     # Traced inside another transform, the states' values are its tracers, which a reader types
     # as lanes even when the program is traced again (an Explicit mesh's axes included).
-    layout.named = [s._value for s in self._named_states()]
+    layout.named = [s._value for s in self._named_states()] + [
+        s._value for s in map(operator.call, self._typed_reads) if s is not None]
+    stopped_at = []   # the values whose reads stopped discovery (NeedMesh)
     blocks = mapper.unliftable(layout, leaves)
     lift = blocks is not None
     if _local.stack and blocks is None:
@@ -986,6 +990,7 @@ class StatefulMapping:
         continue
       except NeedMesh as need:   # vmap2 read a state typed by a mesh: trace under it
         layout.named.append(need.value)
+        stopped_at.append(need.value)
         blocks = mapper.unliftable(layout, leaves)
         continue
       more = self._auto_fed(disc, layout, fed, paths)
@@ -994,6 +999,8 @@ class StatefulMapping:
       fed.update(more)
 
     self._warn_unread(disc, paths)
+    if stopped_at:
+      self._remember_typed(disc.reads, stopped_at)
     in_states = disc.reads
     random_in = [s for s in in_states if mapper.mapped and isinstance(s, RandomState)]
     out_states = list(disc.writes) + [s for s in random_in if s not in disc.write_vma]
@@ -1034,6 +1041,15 @@ class StatefulMapping:
     self._remember(key, entry)
     self._touched.update(dict.fromkeys(in_states + out_states))
     return entry, vals
+
+  def _remember_typed(self, reads: Sequence[State], values: list) -> None:
+    """Remember the states whose reads stopped a discovery (`NeedMesh`): a later signature's
+    discovery starts under their mesh, as if `state_in_axes` named them, and runs once."""
+    ids = set(map(id, values))
+    known = [r() for r in self._typed_reads]
+    self._typed_reads = self._typed_reads + [
+        weakref.ref(s) for s in reads
+        if s not in known and any(id(x) in ids for x in jax.tree.leaves(s._value))]
 
   def _named_states(self) -> list[State]:
     """The states `state_in_axes` names (known before the function is traced)."""
