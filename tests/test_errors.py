@@ -129,6 +129,36 @@ def test_errors_of_a_cached_mapping_hide_meshstates_frames_unless_filtering_is_o
   assert float(s.value[0]) == 2.0
 
 
+def _filterings(err):
+  """How many times JAX's traceback filter handled `err`: each adds a note (quiet mode) or an
+  UnfilteredStackTrace cause."""
+  notes = sum('removed its internal frames' in n for n in getattr(err, '__notes__', []))
+  causes, cause = 0, err.__cause__
+  while cause is not None:
+    causes += type(cause).__name__ == 'UnfilteredStackTrace'
+    cause = cause.__cause__
+  return notes + causes
+
+
+@pytest.mark.parametrize('call', ['first', 'cached'])
+def test_an_error_in_the_users_step_is_filtered_once(call):
+  fail = State(False)
+
+  def step(x):
+    return _user_step(x) if fail.value else x
+
+  f = pmap2(step, axis_name='i')
+  if call == 'cached':
+    f(jnp.ones((N, 5)))
+    f(jnp.ones((N, 5)))
+  fail.value = True
+  with pytest.raises(TypeError) as err:
+    f(jnp.ones((N, 3)))
+  assert _filterings(err.value) == 1
+  files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
+  assert files[0] == __file__ and not any(f.startswith(PACKAGE) for f in files), files
+
+
 def test_traceback_filtering_off_shows_meshstates_frames():
   jax.config.update('jax_traceback_filtering', 'off')
   try:

@@ -17,7 +17,8 @@ import jax
 
 __all__ = ['MIN_JAX', 'ArrayImpl', 'array_sharding', 'ShapedArray', 'vma', 'bound_axis_names',
            'tracer_kind', 'scan_counts', 'current_trace', 'at_trace', 'distributed_client',
-           'api_boundary', 'filter_traceback', 'hide_frames_of', 'context_mesh']
+           'api_boundary', 'filter_traceback', 'drop_own_frame', 'hide_frames_of',
+           'context_mesh']
 
 # The oldest JAX that has every public API meshstate uses (`jax.extend.core.
 # get_opaque_trace_state` is the newest of them); pyproject.toml declares the same bound.
@@ -98,7 +99,8 @@ def filter_traceback(err: Exception) -> None:
 
   The boundary as a decorator costs a call frame on every call; this costs nothing until an
   error. It filters only where JAX's would: not under another API boundary, nor with
-  `JAX_TRACEBACK_FILTERING=off`.
+  `JAX_TRACEBACK_FILTERING=off`. Use it only where no API boundary below filtered `err`
+  already (each one that filters adds its note to the error).
   """
   tb = err.__traceback__
   try:
@@ -111,6 +113,15 @@ def filter_traceback(err: Exception) -> None:
   while node is not None and node is not tb:
     node = node.tb_next
   err.__traceback__ = tb if node is tb or head is None else head.tb_next
+
+
+def drop_own_frame(err: Exception) -> None:
+  """Take the frame of the function that caught `err`, from a call to a function behind
+  JAX's API boundary, off the head of its traceback, unless filtering is off: re-raised with
+  a bare `raise`, the error then shows none of meshstate's frames, as that boundary's do."""
+  tb = err.__traceback__
+  if tb is not None and jax.config.jax_traceback_filtering != 'off':
+    err.__traceback__ = tb.tb_next
 
 
 def hide_frames_of(path: str) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from meshstate._compat import ArrayImpl as _ArrayImpl
-from meshstate._compat import array_sharding, filter_traceback
+from meshstate._compat import api_boundary, array_sharding, drop_own_frame, filter_traceback
 from meshstate._errors import BatchAxisError, user_stacklevel
 from meshstate._state import Frame, State, _local, frames_open, in_frame_trace, traced_write_error
 from meshstate.nn import Module
@@ -429,36 +429,40 @@ class StatefulMapping:
   # -- the per-call hot path -------------------------------------------------------------------
 
   def __call__(self, *args, **kwargs):
-    try:
-      entry = self._direct
-      if entry is not None and not kwargs and not (frames_open[0] and _local.stack):
-        # Direct path: the entry the last positional call ran. Its guarded program checks the
-        # arguments' and states' types in jax.jit's C++ dispatch, and refuses other ones.
-        _call_lock.acquire()   # not `with`: its __enter__/__exit__ calls cost twice as much
+    entry = self._direct
+    if entry is not None and not kwargs and not (frames_open[0] and _local.stack):
+      # Direct path: the entry the last positional call ran. Its guarded program checks the
+      # arguments' and states' types in jax.jit's C++ dispatch, and refuses other ones.
+      _call_lock.acquire()   # not `with`: its __enter__/__exit__ calls cost twice as much
+      try:
+        vals = [s._value for s in entry.in_states]
         try:
-          vals = [s._value for s in entry.in_states]
-          try:
-            if entry.layouts is not None and not _same_layouts(vals, entry.layouts):
-              raise _Retrace   # jax.jit takes another sharding, but the program keeps the old one
-            outs = entry.fn(*args, *vals)
-          except _Retrace:
-            self._undirect()
-          # Not a JAX type, or laid out elsewhere (JAX's shard_map raises KeyError on a value
-          # typed by another Explicit mesh): the checked path names the argument, or moves it.
-          except (TypeError, ValueError, KeyError):
-            pass
-          else:
-            self._ncalls += 1
-            if entry.out_states:
-              _write(entry, outs, vals, self.name)
-            return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:entry.n_out])
-        finally:
-          _call_lock.release()
+          if entry.layouts is not None and not _same_layouts(vals, entry.layouts):
+            raise _Retrace   # jax.jit takes another sharding, but the program keeps the old one
+          outs = entry.fn(*args, *vals)
+        except _Retrace:
+          self._undirect()
+        # Not a JAX type, or laid out elsewhere (JAX's shard_map raises KeyError on a value
+        # typed by another Explicit mesh): the checked path names the argument, or moves it.
+        except (TypeError, ValueError, KeyError):
+          pass
+        else:
+          self._ncalls += 1
+          if entry.out_states:
+            _write(entry, outs, vals, self.name)
+          return outs[0] if entry.single_out else entry.out_tree.unflatten(outs[:entry.n_out])
+      except Exception as err:   # JAX's API boundary, inline: its decorator's frame costs a call
+        filter_traceback(err)
+        raise
+      finally:
+        _call_lock.release()
+    try:
       return self._checked(*args, **kwargs)
-    except Exception as err:   # JAX's API boundary, inline: a decorator's frame costs every call
-      filter_traceback(err)
+    except Exception as err:   # filtered by _checked's API boundary, but for this frame
+      drop_own_frame(err)
       raise
 
+  @api_boundary
   def _checked(self, *args, **kwargs):
     """A call with every check: the cache looked up by signature, the states' values compared."""
     runs = self._here()
