@@ -159,6 +159,35 @@ def test_an_error_in_the_users_step_is_filtered_once(call):
   assert files[0] == __file__ and not any(f.startswith(PACKAGE) for f in files), files
 
 
+def _device_lost(*slots):
+  raise RuntimeError('device lost')   # as a program's dispatch can fail, below any JAX frame
+
+
+@pytest.mark.parametrize('filtering', ['auto', 'off'])
+def test_an_error_from_a_cached_calls_program_is_filtered_once(filtering, monkeypatch):
+  s = State(jnp.zeros(N))
+
+  def step(x):
+    s.value = s.value + x
+    return x
+
+  f = pmap2(step, axis_name='i', state_in_axes={0: State}, state_out_axes={0: State})
+  f(jnp.ones(N))
+  f(jnp.ones(N))
+  monkeypatch.setattr(f._direct, 'fn', _device_lost)   # private: the program a cached call runs
+  jax.config.update('jax_traceback_filtering', filtering)
+  try:
+    with pytest.raises(RuntimeError, match='device lost') as err:
+      f(jnp.ones(N))
+  finally:
+    jax.config.update('jax_traceback_filtering', 'auto')
+  files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
+  assert files[0] == __file__ and files[-1] == __file__   # the call, then _device_lost
+  assert any(f.startswith(PACKAGE) for f in files) == (filtering == 'off'), files
+  assert _filterings(err.value) == (filtering != 'off')
+  assert float(s.value[0]) == 2.0
+
+
 def test_traceback_filtering_off_shows_meshstates_frames():
   jax.config.update('jax_traceback_filtering', 'off')
   try:
