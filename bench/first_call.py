@@ -11,7 +11,7 @@ call. Variants:
 Rounds run the variants in shuffled order; the ratio is the median over rounds of each round's
 time over `jax.pmap`'s in that round.
 
-  python bench/first_call.py [--states 1,16,64,256] [--rounds 3] [--quick]
+  python bench/first_call.py [--states 1,16,64,256] [--rounds 3] [--shapes same|distinct] [--quick]
 """
 from __future__ import annotations
 
@@ -33,12 +33,19 @@ COLUMNS = [('states', 'states', 'd'), ('variant', 'variant', ''),
 
 # -- child: one variant, one state count, one fresh process ------------------------------------
 
-def _step_fn(variant: str, n_states: int):
-  """The call to time and the values to block on, built without touching the compiler."""
+def _step_fn(variant: str, n_states: int, distinct: bool = False):
+  """The call to time and the values to block on, built without touching the compiler.
+
+  `distinct`: state k has shape (n, 4 + k), as a model's parameters differ in shape, and the
+  step adds x's first column to it."""
   import jax
   import jax.numpy as jnp
   n = jax.device_count()
   x = jnp.ones((n, 4))
+  shapes = [(n, 4 + k if distinct else 4) for k in range(n_states)]
+
+  def add(v, x):
+    return v + x[..., :1] if distinct else v + x
   if variant in ('meshstate.pmap2', 'brainstate.pmap2'):
     if variant == 'meshstate.pmap2':
       import meshstate as lib
@@ -49,17 +56,17 @@ def _step_fn(variant: str, n_states: int):
       pmap2 = lib.transform.pmap2
       only = {0: lib.util.filter.OfType(lib.ParamState)}
       kw = dict(state_in_axes=only, state_out_axes=only)
-    states = [lib.ParamState(jnp.zeros((n, 4))) for _ in range(n_states)]
+    states = [lib.ParamState(jnp.zeros(shape)) for shape in shapes]
 
     def step(x):
       for s in states:
-        s.value = s.value + x
+        s.value = add(s.value, x)
       return x
     f = pmap2(step, axis_name='i', **kw)
     return (lambda: f(x)), (lambda: [s.value for s in states]), [x] + [s.value for s in states]
 
   def step(x, vals):
-    return x, [v + x for v in vals]
+    return x, [add(v, x) for v in vals]
   if variant == 'jax.pmap':
     g = jax.pmap(step, axis_name='i', donate_argnums=1)
   else:
@@ -68,7 +75,7 @@ def _step_fn(variant: str, n_states: int):
     mesh = Mesh(np.array(jax.devices()), ('i',))
     g = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P('i'), P('i')),
                               out_specs=(P('i'), P('i'))), donate_argnums=1)
-  box = [[jnp.zeros((n, 4)) for _ in range(n_states)]]
+  box = [[jnp.zeros(shape) for shape in shapes]]
 
   def call():
     out, box[0] = g(x, box[0])
@@ -76,10 +83,10 @@ def _step_fn(variant: str, n_states: int):
   return call, (lambda: box[0]), [x] + box[0]
 
 
-def child(variant: str, n_states: int, fail: str) -> None:
+def child(variant: str, n_states: int, fail: str, distinct: bool) -> None:
   import jax
   import numpy as np
-  call, values, made = _step_fn(variant, n_states)
+  call, values, made = _step_fn(variant, n_states, distinct)
   jax.block_until_ready(made)   # inputs exist and the backend is up before the clock starts
   if variant == fail:
     raise T.InjectedFailure(f'--fail {variant}')
@@ -109,7 +116,8 @@ def measure(args, failures: T.Failures) -> list[dict]:
 
   def one(n_states, v):
     return failures.guard(f'{n_states} states: {v}', lambda: T.run_child(
-        [__file__, '--child', v, str(n_states), '--fail', args.fail], args.timeout))
+        [__file__, '--child', v, str(n_states), '--fail', args.fail, '--shapes', args.shapes],
+        args.timeout))
 
   for r in range(args.rounds):
     for n_states in args.states:
@@ -147,17 +155,20 @@ def main(argv=None) -> int:
   p.add_argument('--timeout', type=float, default=900.0, help='seconds per child process')
   p.add_argument('--jobs', type=int, default=1,
                  help='processes at a time (more than 1 only to check that it runs)')
+  p.add_argument('--shapes', choices=('same', 'distinct'), default='same',
+                 help="the states' shapes: all (n, 4), or state k (n, 4 + k)")
   p.add_argument('--child', nargs=2, metavar=('VARIANT', 'STATES'), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    child(args.child[0], int(args.child[1]), args.fail)
+    child(args.child[0], int(args.child[1]), args.fail, args.shapes == 'distinct')
     return 0
   if args.quick:
     args.states, args.rounds, args.variants, args.jobs = '4', 1, 'meshstate.pmap2,jax.pmap', 2
   args.states = [int(s) for s in args.states.split(',')]
   args.variants = args.variants.split(',')
   # `meta`'s load_average is taken when the measurement has ended.
-  return T.run(args, 'first_call', measure, COLUMNS, rounds=args.rounds,
+  name = 'first_call' if args.shapes == 'same' else 'first_call_distinct_shapes'
+  return T.run(args, name, measure, COLUMNS, rounds=args.rounds, shapes=args.shapes,
                fresh_process_each=True)
 
 

@@ -535,6 +535,46 @@ def test_a_step_on_one_device_compiles_once(kind, caplog):
   assert float(count.value) == 3.0
 
 
+def test_states_of_many_shapes_made_on_one_device_go_onto_the_mesh_without_a_compile_each(
+    caplog):
+  # JAX splits a one-device array by a slicing program compiled per shape and dtype (0.1-0.3 s
+  # each); a first call over a model's parameters paid one per shape. Shapes no other test uses.
+  ws = [ParamState(jnp.asarray(rand(N, k))) for k in (37, 41)]
+  ws.append(ParamState({'b': jnp.arange(N * 43, dtype=jnp.int32).reshape(N, 43),
+                        'h': jnp.asarray(rand(N, 47)).astype(jnp.bfloat16)}))
+  weak = State(jnp.broadcast_to(jnp.asarray(0.5), (N, 53)))   # weakly typed, only read
+  count = State(jnp.asarray(0.0))
+  rng = RandomState(7)
+  before = [jax.tree.map(np.asarray, w.value) for w in ws]
+  assert jax.typeof(weak.value).weak_type
+
+  def step(x):
+    for w in ws:
+      w.value = jax.tree.map(lambda v: v + x.astype(v.dtype), w.value)
+    count.value = count.value + 1
+    return x + rng.uniform() + weak.value.sum()
+
+  f = pmap2(step, axis_name='i', state_in_axes={0: [*ws, weak]}, state_out_axes={0: ws})
+  mesh = Mesh(np.array(jax.devices()), ('i',))
+  x = jax.device_put(jnp.arange(N, dtype=jnp.float32), NamedSharding(mesh, P('i')))
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    outs = [f(x), f(x)]
+  compiles = [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()]
+  # The step's program, and a slicing program for the weakly typed state only (a copy through
+  # the host would lose its weak type), none per other state's shape.
+  per_shape = [m[:90] for m in compiles if 'jit(_multi_slice)' not in m or f'[{N},53]' not in m]
+  assert len(per_shape) == 1 and 'jit(_multi_slice)' not in per_shape[0], per_shape
+  for w, old in zip(ws, before):
+    for got, was in zip(jax.tree.leaves(w.value), jax.tree.leaves(old)):
+      lane = np.arange(N).astype(was.dtype)[:, None]
+      close(np.asarray(got, np.float32), (was + lane + lane).astype(np.float32))
+      assert got.dtype == was.dtype and got.sharding.spec[0] == 'i'
+  assert jax.typeof(weak.value).weak_type and weak.value.sharding.spec[0] == 'i'
+  assert float(count.value) == 2.0
+  draws = np.asarray(outs[0]) - np.arange(N) - 0.5 * 53
+  assert ((draws > -1e-4) & (draws < 1 + 1e-4)).all() and len(np.unique(draws.round(4))) == N
+
+
 @pytest.mark.parametrize('kind', ['Mesh', 'make_mesh'])
 def test_vmap2_over_a_batch_on_a_mesh_compiles_once(kind, caplog):
   # The states go onto the batch's mesh before the first call, laid out as the program leaves

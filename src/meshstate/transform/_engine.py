@@ -37,6 +37,7 @@ from meshstate.transform._mesh import NeedAxis, context_key, typed_elsewhere
 from meshstate.transform._multihost import (assert_same_across_processes, is_global, to_global,
                                             to_local)
 from meshstate.transform._plan import Plan
+from meshstate.transform._transfer import put
 from meshstate.util.filter import _SameStates
 
 if TYPE_CHECKING:   # imported when called (sharding.py reads plans; it never imports the engine)
@@ -1125,7 +1126,7 @@ class StatefulMapping:
         moves.append(i)
         targets.append(tree.unflatten(where))
     if moves:   # one batched transfer: much cheaper than one device_put per state
-      moved = jax.device_put([vals[i] for i in moves], targets)
+      moved = put([vals[i] for i in moves], targets)
       for i, value in zip(moves, moved):
         vals[i] = value
     for i in placed + moves:
