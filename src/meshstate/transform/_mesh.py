@@ -57,8 +57,7 @@ def not_in_a_raw_body(what: str) -> None:
   one: in a body of JAX's own (`jax.shard_map`, `jax.pmap`) meshstate has no mesh to map on."""
   if _context.stack:
     return
-  mesh = jax.sharding.get_abstract_mesh()
-  manual = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual]
+  manual = list(jax.sharding.get_abstract_mesh().manual_axes)
   if manual:
     raise ValueError(f'{what} was called inside the body of JAX\'s own shard_map (or pmap), '
                      f'which is manual over mesh axes {manual}; meshstate maps inside its own '
