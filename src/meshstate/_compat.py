@@ -120,7 +120,7 @@ def drop_own_frame(err: Exception) -> None:
   JAX's API boundary, off the head of its traceback, unless filtering is off: re-raised with
   a bare `raise`, the error then shows none of meshstate's frames, as that boundary's do."""
   tb = err.__traceback__
-  if tb is not None and jax.config.jax_traceback_filtering != 'off':
+  if tb is not None and jax.config.values['jax_traceback_filtering'] != 'off':
     err.__traceback__ = tb.tb_next
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meshstate._compat import ArrayImpl
@@ -31,7 +32,7 @@ def put(values: Sequence[Any], shardings: Sequence[Any]) -> list:
 def _source(x: Any, where: Any) -> Any:
   if (type(x) is not ArrayImpl or where.is_fully_replicated or not where.is_fully_addressable
       or len(x.sharding.device_set) != 1 or x.weak_type   # a numpy copy would lose weak typing
-      or jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)):   # typed keys: no numpy form
+      or jnp.issubdtype(x.dtype, jax.dtypes.extended)):   # typed keys: no numpy form
     return x
   if x.nbytes > _VIA_HOST_BYTES and next(iter(x.devices())).platform != 'cpu':
     return x
