@@ -1,7 +1,8 @@
-"""Repeated positional calls hand their values straight to the cached program.
+"""Repeated calls hand their values straight to the cached program.
 
-After a positional call, the next one passes the arguments and the states' values to the
-program that call ran, and leaves comparing their types and shardings to `jax.jit`'s C++
+After a call, the next one of the same argument structure (positional arrays, pytrees or
+keyword arguments) passes the arguments' leaves and the states' values to the program that
+call ran, and leaves comparing their types and shardings to `jax.jit`'s C++
 dispatch. A program refuses to be traced for other types than it was built for, and the call
 then falls back to the checked path. Each test changes what such a call receives (a state's
 shape or sharding, an argument's shape or type, an enclosing raw JAX trace) and compares the
@@ -14,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshstate import ParamState, State, StateTraceError
-from meshstate.transform import jit, pmap2, vmap2
+from meshstate.transform import _engine, jit, pmap2, vmap2
 
 from helpers import N, close, no_tracer, rand
 
@@ -192,3 +193,44 @@ def test_jit_state_replaced_by_a_numpy_array_between_direct_calls():
   bump()
   close(s.value, np.full(3, 2.0))
   assert isinstance(s.value, jax.Array)
+
+
+def test_pytree_and_keyword_arguments_take_the_direct_path(monkeypatch):
+  total = ParamState(jnp.zeros(N))
+  traces, checked = [], []
+  real = _engine.StatefulMapping._checked
+
+  def spy(self, *args, **kwargs):
+    checked.append(1)
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(_engine.StatefulMapping, '_checked', spy)
+
+  def step(batch, scale=1.0, mask=None):
+    traces.append(1)
+    v = batch['x'] * scale + batch['y']
+    if mask is not None:
+      v = v * mask
+    total.value = total.value + v.sum()
+    return {'v': v}
+
+  f = pmap2(step, axis_name='i', state_in_axes={0: total}, state_out_axes={0: total})
+  want = np.zeros(N)
+  calls = []
+  for k in range(6):   # the same structure: after the first call, none takes the checked path
+    batch = {'x': rand(N, 3), 'y': rand(N, 3)}
+    calls.append(((batch,), {'scale': jnp.full(N, float(k))}))   # keywords are mapped too
+  mask = rand(N, 3)
+  calls.append(((calls[0][0][0],), {'scale': jnp.full(N, 2.0), 'mask': mask}))   # another
+  calls.append(((calls[1][0][0],), {'scale': jnp.full(N, 3.0)}))   # the first structure again
+  for k, (args, kwargs) in enumerate(calls):
+    checked.clear()
+    out = f(*args, **kwargs)
+    b = {key: np.asarray(v) for key, v in args[0].items()}
+    v = b['x'] * np.asarray(kwargs['scale'])[:, None] + b['y']
+    if 'mask' in kwargs:
+      v = v * np.asarray(kwargs['mask'])
+    close(out['v'], v)
+    want += v.sum(axis=1)
+    close(total.value, want)
+    assert len(checked) == (k in (0, 6, 7)), k   # a new structure, or a switch back to one
+  assert len(traces) == 2

@@ -81,6 +81,8 @@ class _FailingLookup(dict):
 
 
 class _FailingEntry:
+  flat = True   # positional arrays: the direct path goes on to read the states
+
   def __init__(self, kind):
     self.kind = kind
 

@@ -83,7 +83,8 @@ class _Entry:
   """One cache entry: its frozen `Plan`, and what the hot path needs to match and run it."""
   __slots__ = ('plan', 'in_states', 'out_states', 'n_out', 'out_tree', 'sig', 'last', 'fn',
                'stable', 'rewrites_all', 'keeps_reads', 'single_out', 'static_reads',
-               'static_writes', 'local_io', 'weak', 'key', 'direct', 'layouts')
+               'static_writes', 'local_io', 'weak', 'key', 'direct', 'layouts', 'off_mesh',
+               'tree', 'flat')
 
   def __init__(self, plan: Plan, sig, last, local_io: bool = False):
     self.plan, self.fn = plan, plan.fn
@@ -101,6 +102,9 @@ class _Entry:
     self.stable = None  # whether a call leaves the states with the signature it was traced for
     self.direct = False  # whether calls may skip the checks and let the guarded program check
     self.layouts: list | None = None  # in-states' shardings a direct call needs (layout-keeping)
+    self.off_mesh: bool | None = None  # whether its arguments are typed by another mesh
+    self.tree: Any = None   # the structure of a call's (args, kwargs), whose leaves it takes
+    self.flat = False   # whether that is positional arguments of one array each
 
   def statics_hold(self) -> bool:
     """Whether every Python-valued state read still holds the value this entry was traced for."""
@@ -431,16 +435,27 @@ class StatefulMapping:
 
   def __call__(self, *args, **kwargs):
     entry = self._direct
-    if entry is not None and not kwargs and not (frames_open[0] and _local.stack):
-      # Direct path: the entry the last positional call ran. Its guarded program checks the
-      # arguments' and states' types in jax.jit's C++ dispatch, and refuses other ones.
+    if entry is not None:
+      # Direct path: the entry the last call ran. Its guarded program checks the arguments'
+      # and states' types in jax.jit's C++ dispatch, and refuses other ones. Arguments that
+      # are one array each are passed as they are; others (pytrees, keywords) as their leaves,
+      # when they have the entry's structure. Inside a meshstate trace, states go through it.
+      if frames_open[0] and _local.stack:
+        entry = None
+      elif entry.flat and not kwargs:
+        leaves = args
+      else:
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        if tree != entry.tree:
+          entry = None
+    if entry is not None:
       _call_lock.acquire()   # not `with`: its __enter__/__exit__ calls cost twice as much
       try:
         vals = [s._value for s in entry.in_states]
         try:
           if entry.layouts is not None and not _same_layouts(vals, entry.layouts):
             raise _Retrace   # jax.jit takes another sharding, but the program keeps the old one
-          outs = entry.fn(*args, *vals)
+          outs = entry.fn(*leaves, *vals)
         except _Retrace:
           self._undirect()
         # Not a JAX type, or laid out elsewhere (JAX's shard_map raises KeyError on a value
@@ -459,7 +474,7 @@ class StatefulMapping:
         _call_lock.release()
     try:
       return self._checked(*args, **kwargs)
-    except Exception as err:   # filtered by _checked's API boundary, but for this frame
+    except Exception as err:   # filtered by _checked's API boundary: drop this frame too
       drop_own_frame(err)
       raise
 
@@ -490,6 +505,7 @@ class StatefulMapping:
       self._lru.move_to_end(entry)
       self._ncalls += 1
       # Run the program, write the states back (the slots themselves), return the outputs.
+      moved = False
       try:
         outs = entry.fn(*leaves, *vals)
       except _Retrace:   # traced for other types than the entry's (a JAX setting changed)
@@ -501,6 +517,7 @@ class StatefulMapping:
           raise
         leaves, vals = self._moved(entry, leaves, vals)
         outs = entry.fn(*leaves, *vals)
+        moved = True
       n, last = entry.n_out, None
       if entry.out_states:
         _write(entry, outs, vals, self.name)
@@ -517,9 +534,9 @@ class StatefulMapping:
           entry.last = _refs(last)
       else:
         self._settle(entry, _values(entry.in_states) if last is None else last)
-      if entry.direct and self._direct_pays() and not kwargs and (
-          not self._has_static) and (leaves is args or (
-              len(leaves) == len(args) and all(map(operator.is_, leaves, args)))):
+      # The direct path passes the arguments' own leaves: not those moved for this call.
+      if entry.direct and not moved and not entry.off_mesh and not self._has_static and (
+          self._direct_pays()):
         self._make_direct(entry)
     if entry.local_io:
       outs = to_local(list(outs[:n]))
@@ -615,7 +632,9 @@ class StatefulMapping:
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
     vals = _values(entry.in_states)
-    if _typed_off_mesh(entry.plan, leaves):
+    if entry.off_mesh is None:   # the arguments' types are the key's: once per entry
+      entry.off_mesh = _typed_off_mesh(entry.plan, leaves)
+    if entry.off_mesh:
       return entry, *self._moved(entry, leaves, vals)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
       return entry, to_global(leaves, list(entry.plan.in_shardings[:len(leaves)])), vals
@@ -666,6 +685,10 @@ class StatefulMapping:
     return entry.out_tree.unflatten(outs[:n])
 
   def _avals(self, args, kwargs, leaves) -> tuple:
+    try:
+      return tuple(map(_aval, leaves))   # jax.Arrays and tracers: what jax.typeof reads
+    except AttributeError:
+      pass
     try:
       return tuple(map(jax.typeof, leaves))
     except TypeError:
@@ -1039,6 +1062,7 @@ class StatefulMapping:
                    vals, local_io=layout.local_io)
     # A direct call leaves checking the types to jax.jit; the context mesh,
     # a Python value read or each process's part of the arguments need the checked path.
+    entry.tree, entry.flat = treedef, treedef == jax.tree.structure((tuple(leaves), {}))
     entry.direct = (entry.plan.kind != 'custom' and
                     not layout.static_reads and not layout.static_writes and
                     not layout.local_io and not mapper.follows_context and
