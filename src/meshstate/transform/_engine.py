@@ -396,7 +396,7 @@ class StatefulMapping:
     self._lru: collections.OrderedDict[_Entry, None] = collections.OrderedDict()
     self.cache_size = self.default_cache_size
     self._ncalls = self._misses = 0
-    self._direct: _Entry | None = None   # the entry a positional call may run unchecked
+    self._direct: _Entry | None = None   # the entry a call of its structure may run unchecked
     self._retraces = 0
     self._typed_reads: list[weakref.ref] = []   # see _remember_typed
     self._on_meshes: dict[Mesh, StatefulMapping] = {}   # copies run under a context mesh
