@@ -102,7 +102,7 @@ class _Entry:
     self.stable = None  # whether a call leaves the states with the signature it was traced for
     self.direct = False  # whether calls may skip the checks and let the guarded program check
     self.layouts: list | None = None  # in-states' shardings a direct call needs (layout-keeping)
-    self.off_mesh: bool | None = None  # whether its arguments are typed by another mesh
+    self.off_mesh = False   # whether its arguments are typed by another mesh (the key says)
     self.tree: Any = None   # the structure of a call's (args, kwargs), whose leaves it takes
     self.flat = False   # whether that is positional arguments of one array each
 
@@ -632,8 +632,6 @@ class StatefulMapping:
     key, leaves = sig[0], sig[1]
     entry = self._lookup(*sig)
     vals = _values(entry.in_states)
-    if entry.off_mesh is None:   # the arguments' types are the key's: once per entry
-      entry.off_mesh = _typed_off_mesh(entry.plan, leaves)
     if entry.off_mesh:
       return entry, *self._moved(entry, leaves, vals)
     if entry.local_io:   # this process's parts of the arguments, as one global array each
@@ -1063,6 +1061,7 @@ class StatefulMapping:
     # A direct call leaves checking the types to jax.jit; the context mesh,
     # a Python value read or each process's part of the arguments need the checked path.
     entry.tree, entry.flat = treedef, treedef == jax.tree.structure((tuple(leaves), {}))
+    entry.off_mesh = _typed_off_mesh(entry.plan, leaves)
     entry.direct = (entry.plan.kind != 'custom' and
                     not layout.static_reads and not layout.static_writes and
                     not layout.local_io and not mapper.follows_context and
