@@ -1,5 +1,6 @@
 """Errors name the argument, state or axis at fault and say what to do; tracebacks show the
 user's frames, not meshstate's."""
+import contextlib
 import os
 import traceback
 import warnings
@@ -103,8 +104,9 @@ def test_error_in_user_code_shows_user_frames_not_meshstates():
   assert float(s.value) == 0.0
 
 
-@pytest.mark.parametrize('filtering', ['auto', 'off'])
-def test_errors_of_a_cached_mapping_hide_meshstates_frames_unless_filtering_is_off(filtering):
+def _cached_accumulator():
+  """A pmap2 step adding its argument into a state, called twice: it now calls its program
+  directly. Returns the mapping and the state."""
   s = State(jnp.zeros(N))
 
   def step(x):
@@ -113,15 +115,27 @@ def test_errors_of_a_cached_mapping_hide_meshstates_frames_unless_filtering_is_o
 
   f = pmap2(step, axis_name='i', state_in_axes={0: State}, state_out_axes={0: State})
   f(jnp.ones(N))
-  f(jnp.ones(N))   # the mapping now calls its program directly
-  jax.config.update('jax_traceback_filtering', filtering)
+  f(jnp.ones(N))
+  return f, s
+
+
+@contextlib.contextmanager
+def _filtering(mode):
+  jax.config.update('jax_traceback_filtering', mode)
   try:
+    yield
+  finally:
+    jax.config.update('jax_traceback_filtering', 'auto')
+
+
+@pytest.mark.parametrize('filtering', ['auto', 'off'])
+def test_errors_of_a_cached_mapping_hide_meshstates_frames_unless_filtering_is_off(filtering):
+  f, s = _cached_accumulator()
+  with _filtering(filtering):
     with pytest.raises(TypeError, match=r'argument args\[0\] is a str, not an array') as bad_arg:
       f('not an array')
     with pytest.raises(meshstate.StateTraceError) as traced_write:
       jax.jit(lambda x: f(x))(jnp.ones(N))   # a raw JAX transform around a state-writing call
-  finally:
-    jax.config.update('jax_traceback_filtering', 'auto')
   for err in (bad_arg, traced_write):
     files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
     assert files[0] == __file__
@@ -165,22 +179,10 @@ def _device_lost(*slots):
 
 @pytest.mark.parametrize('filtering', ['auto', 'off'])
 def test_an_error_from_a_cached_calls_program_is_filtered_once(filtering, monkeypatch):
-  s = State(jnp.zeros(N))
-
-  def step(x):
-    s.value = s.value + x
-    return x
-
-  f = pmap2(step, axis_name='i', state_in_axes={0: State}, state_out_axes={0: State})
-  f(jnp.ones(N))
-  f(jnp.ones(N))
+  f, s = _cached_accumulator()
   monkeypatch.setattr(f._direct, 'fn', _device_lost)   # private: the program a cached call runs
-  jax.config.update('jax_traceback_filtering', filtering)
-  try:
-    with pytest.raises(RuntimeError, match='device lost') as err:
-      f(jnp.ones(N))
-  finally:
-    jax.config.update('jax_traceback_filtering', 'auto')
+  with _filtering(filtering), pytest.raises(RuntimeError, match='device lost') as err:
+    f(jnp.ones(N))
   files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
   assert files[0] == __file__ and files[-1] == __file__   # the call, then _device_lost
   assert any(f.startswith(PACKAGE) for f in files) == (filtering == 'off'), files
@@ -189,11 +191,7 @@ def test_an_error_from_a_cached_calls_program_is_filtered_once(filtering, monkey
 
 
 def test_traceback_filtering_off_shows_meshstates_frames():
-  jax.config.update('jax_traceback_filtering', 'off')
-  try:
-    with pytest.raises(TypeError) as err:
-      pmap2(_user_step, axis_name='i')(jnp.ones((N, 3)))
-  finally:
-    jax.config.update('jax_traceback_filtering', 'auto')
+  with _filtering('off'), pytest.raises(TypeError) as err:
+    pmap2(_user_step, axis_name='i')(jnp.ones((N, 3)))
   files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
   assert any(f.startswith(PACKAGE) for f in files)
