@@ -5,6 +5,7 @@ collectives start from several threads at once (a plain `jax.jit(jax.shard_map(p
 too), which is a property of that backend, not of meshstate.
 """
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +117,46 @@ def test_other_threads_never_see_a_tracer_and_keep_their_writes():
   np.testing.assert_array_equal(s.value, np.full(3, 5.0))   # the write is not undone
   assert out.shape == (3,)
   no_tracer(s)
+
+
+def test_a_call_from_another_thread_waits_for_a_cached_call_in_flight():
+  # A cached call runs its program between reading and writing back its states; a call of
+  # another thread in between would read the state before that write, and one of the two
+  # writes would be lost.
+  count = State(jnp.zeros(()))
+
+  @jit
+  def add(k):
+    count.value = count.value + k
+
+  @jit
+  def scale():
+    count.value = count.value * 10.0
+
+  entered, release = threading.Event(), threading.Event()
+
+  def first():
+    add(1.0)
+    add(1.0)   # the next call is a cached one, on the direct path
+    program = add._direct.fn
+
+    def held(*slots):   # the call in flight: its state read, its program not yet run
+      entered.set()
+      release.wait(timeout=60)
+      return program(*slots)
+    add._direct.fn = held
+    add(1.0)
+
+  t1 = threading.Thread(target=first)
+  t1.start()
+  assert entered.wait(timeout=60)
+  t2 = threading.Thread(target=scale)
+  t2.start()
+  time.sleep(0.3)
+  waited = t2.is_alive()
+  release.set()
+  t1.join(timeout=60)
+  t2.join(timeout=60)
+  assert not t1.is_alive() and not t2.is_alive()
+  assert waited
+  assert float(count.value) == 30.0   # (1 + 1 + 1) * 10: scale ran after the third add
