@@ -3,7 +3,8 @@
 Each measurement runs in a FRESH Python process (nothing cached, nothing traced before): it makes
 S states of shape (n, 4) and an input, starts the backend, then times the first call of the step
 (`s.value = s.value + x` for every state, donated) until its results are ready, then one more
-call. Variants:
+call. Garbage is collected before the clock (a full collection owed by the imports would
+otherwise fall in the timed call of whichever variant allocates next). Variants:
   - `meshstate.pmap2` of the stateful step;
   - `jax.pmap` of the same step written functionally (the baseline of the ratio);
   - `jit(shard_map)`: the hand-written `jax.jit(jax.shard_map(...))` passing the states;
@@ -16,6 +17,7 @@ time over `jax.pmap`'s in that round.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -88,6 +90,9 @@ def child(variant: str, n_states: int, fail: str, distinct: bool) -> None:
   import numpy as np
   call, values, made = _step_fn(variant, n_states, distinct)
   jax.block_until_ready(made)   # inputs exist and the backend is up before the clock starts
+  # A full garbage collection that the imports made due lands in whichever variant allocates
+  # next (0.08-0.1 s here, with jax imported): collect it before the clock, in every variant.
+  gc.collect()
   if variant == fail:
     raise T.InjectedFailure(f'--fail {variant}')
   t0 = time.perf_counter()
