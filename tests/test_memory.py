@@ -157,6 +157,9 @@ def test_many_shapes_leave_rss_at_plain_jax_jits_baseline():
   src = str(pathlib.Path(meshstate.__file__).resolve().parent.parent)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': str(jax.device_count()),
          'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',   # compiles 25% faster, in both protocols
+         # One malloc arena: with one per compiling thread, how much of the freed heap the trim
+         # can hand back varied by up to 10 MiB from run to run on a loaded machine (both arms).
+         'MALLOC_ARENA_MAX': '1',
          'PYTHONPATH': os.pathsep.join([src, os.environ.get('PYTHONPATH', '')])}
   procs = {arm: subprocess.Popen([sys.executable, '-c', _RSS_ARM, arm], env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
