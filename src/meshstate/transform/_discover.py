@@ -11,7 +11,6 @@ typing when the program runs with `check_vma=True`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -154,16 +153,10 @@ class Discovery:
   result_tree: Any = None        # of the traced result: (output leaves, written values)
   jaxpr: Any = None              # the traced ClosedJaxpr, when it was traced to one
 
-  # Cached: the engine looks up one state at a time (a property made every state's dict per
-  # look-up, quadratic in the states written: 0.1 s of a 256-state first call).
-  @functools.cached_property
-  def write_shapes(self) -> dict[State, tuple]:
-    """The shape of (the first leaf of) each lane value written."""
-    return {s: tuple(shapes[0]) if shapes else () for s, (_, shapes) in self.write_leaves.items()}
-
-  @functools.cached_property
-  def write_ndim(self) -> dict[State, int]:
-    return {s: len(shape) for s, shape in self.write_shapes.items()}
+  def write_shape(self, state: State) -> tuple:
+    """The shape of (the first leaf of) the lane value written to `state`."""
+    shapes = self.write_leaves[state][1]
+    return tuple(shapes[0]) if shapes else ()
 
 
 def discover(run: Callable[[Callable], Traced | None], body: Callable[..., Any],

@@ -919,8 +919,9 @@ class StatefulMapping:
     declared = self._first(self.state_out_axes, state, paths)
     what = self._describe(state, paths)
     if declared is not None:
-      return _axes.check_axis(declared, disc.write_ndim[state], f'state_out_axes for {what}',
-                              disc.write_shapes[state], extra=1)
+      shape = disc.write_shape(state)
+      return _axes.check_axis(declared, len(shape), f'state_out_axes for {what}', shape,
+                              extra=1)
     if self._name not in disc.write_vma[state]:
       return None
     if in_axis is not None:
